@@ -1,0 +1,130 @@
+"""Loading and building the policy and reward-model networks.
+
+Every model goes through :func:`load_causal_lm` / :func:`load_sequence_classifier`, which take
+a hub name or a local directory alike (tests save tiny models with ``save_pretrained`` and load
+them back by path through the same code a hub name takes). :func:`build_tiny_causal_lm` builds
+the embedded task's model from a config, with no download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``"bf16"``/``"bfloat16"``/... to a torch dtype; ``"auto"`` and ``None`` pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'.")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    """A tokenizer with a pad token (the EOS token when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` for a hub name or a local directory."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def load_sequence_classifier(
+    name_or_path: str | Path,
+    pad_token_id: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A one-output ``AutoModelForSequenceClassification`` (reward model) from any checkpoint;
+    a causal LM's weights are reused and a fresh score head is added."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path), num_labels=1, dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def build_tiny_causal_lm(
+    tokenizer,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 128,
+    seed: int = 0,
+) -> nn.Module:
+    """A small Llama-architecture causal LM initialised from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: Sequence[str] | None = None,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+        task_type=task_type, modules_to_save=list(modules_to_save) if modules_to_save else None,
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors by name (float32, CPU)."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def state_difference(
+    after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``after - before`` for every tensor in both."""
+    return {n: after[n] - before[n] for n in after if n in before}

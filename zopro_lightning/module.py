@@ -1,0 +1,341 @@
+"""``ZOPrOModule``: preference optimisation of a causal LM with forward-only SPSA steps.
+
+A ``LightningModule`` with manual optimisation. Each policy update (DESIGN.md §2):
+
+1. rollout: ``k`` sampled completions per prompt, scored by ``reward_fn``, with log-probs
+   under the current policy (``pi_old``) and the reference policy, the sequence KL and the RLOO
+   advantages of ``r - beta * KL``;
+2. one SPSA step (``optimizer="zeroth_order"``) on the clipped surrogate, evaluated without
+   autograd; or, with ``optimizer="first_order"``, one AdamW step on the same loss with
+   back-propagation, so the two can be compared on the same rollouts.
+
+Any DataLoader of prompts works: batches are lists of strings or dicts with a ``"prompt"`` key.
+Each update is one ``optimizer.step()``, so ``global_step``, ``max_steps``, LR schedulers,
+checkpoints and loggers follow policy updates as for any first-order module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from zopro_lightning.objectives import clipped_surrogate
+from zopro_lightning.optim import ZerothOrderOptimizer
+from zopro_lightning.rewards import RewardFn
+from zopro_lightning.rollout import Rollout, RolloutConfig, collect_rollout, completion_logprobs
+from zopro_lightning.samplers import GaussianSampler, PerturbationSampler, ZOPrOSampler
+from zopro_lightning.spsa import derive_seed
+
+OptimizerMode = Literal["zeroth_order", "first_order"]
+
+
+def prompts_of(batch: Any) -> list[str]:
+    """The prompt strings of a batch: a list of strings, or a dict with a ``"prompt"`` key."""
+    if isinstance(batch, Mapping):
+        if "prompt" not in batch:
+            raise KeyError(
+                f"ZOPrOModule: a dict batch needs a 'prompt' key; got keys {sorted(batch)}."
+            )
+        batch = batch["prompt"]
+    if isinstance(batch, str):
+        batch = [batch]
+    prompts = list(batch)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(
+            "ZOPrOModule: batches must be non-empty lists of prompt strings (or dicts with a "
+            f"'prompt' list); got {type(batch).__name__}."
+        )
+    return prompts
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class ZOPrOModule(LightningModule):
+    """Zeroth-order (or, for comparison, first-order) RLOO preference optimisation.
+
+    Args:
+        policy: a Hugging Face causal LM, optionally PEFT-wrapped. Only parameters with
+            ``requires_grad=True`` are trained.
+        tokenizer: the policy's tokenizer (needs ``pad_token`` and ``eos_token``).
+        reward_fn: ``reward_fn(prompts, completions) -> Tensor[B]``.
+        sampler: direction sampler; default :class:`GaussianSampler` (MeZO).
+        optimizer: ``"zeroth_order"`` (SPSA) or ``"first_order"`` (AdamW, back-propagation).
+        lr: learning rate of the policy updates.
+        lr_schedule: any ``transformers.get_scheduler`` name (``"constant"``, ``"linear"``,
+            ``"cosine"``, ...), stepped once per policy update.
+        warmup_steps: warm-up updates of the schedule.
+        eps: SPSA perturbation scale ``epsilon``.
+        weight_decay: ``lambda`` (matrices only).
+        num_perturbations: ``q`` directions averaged per zeroth-order update.
+        k: completions per prompt (``>= 2``, RLOO).
+        beta: KL coefficient; 0 disables the reference policy.
+        clip_range: ``c`` of the clipped surrogate.
+        temperature: sampling temperature ``tau``.
+        max_new_tokens: completion length limit.
+        missing_eos_penalty: subtracted from the reward of completions without EOS.
+        micro_batch_size: sequences per forward (log-probs and loss); all micro-batches of an
+            update share the perturbation.
+        accumulate_batches: dataloader batches (rollouts) per policy update.
+        seed: base of the step seeds (``seed_t = derive(seed, t)``, the same on every rank).
+        exact_restore: restore ``theta`` from a copy of the trainable tensors (bit-exact) or by
+            arithmetic (no copy). ``None``: exact when the trainable set is at most 10 % of the
+            model (LoRA), arithmetic otherwise (full-parameter: keeps inference-level memory).
+        cache_directions: keep ``z`` during a step instead of regenerating it (same numbers).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        tokenizer: Any,
+        reward_fn: RewardFn,
+        sampler: PerturbationSampler | None = None,
+        *,
+        optimizer: OptimizerMode = "zeroth_order",
+        lr: float = 1e-4,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        num_perturbations: int = 1,
+        k: int = 4,
+        beta: float = 0.05,
+        clip_range: float = 0.2,
+        temperature: float = 1.0,
+        max_new_tokens: int = 16,
+        missing_eos_penalty: float | None = None,
+        micro_batch_size: int | None = None,
+        accumulate_batches: int = 1,
+        seed: int = 0,
+        exact_restore: bool | None = None,
+        cache_directions: bool = False,
+    ) -> None:
+        super().__init__()
+        self._check_hparams(optimizer, eps, k, temperature, num_perturbations, accumulate_batches)
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError(
+                "ZOPrOModule: the tokenizer needs pad and eos tokens; set tokenizer.pad_token "
+                "(e.g. tokenizer.pad_token = tokenizer.eos_token)."
+            )
+        self.save_hyperparameters(ignore=["policy", "tokenizer", "reward_fn", "sampler"])
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.sampler: PerturbationSampler = sampler if sampler is not None else GaussianSampler()
+        self.policy_updates = 0
+        self.last_rollout: Rollout | None = None
+        self._pending: list[Rollout] = []
+        # a frozen copy of the reference policy, held outside the module tree so it is neither
+        # trained nor checkpointed; needed only without LoRA and with beta > 0
+        self._frozen_reference: list[nn.Module] = []
+        if beta > 0 and not is_peft_model(policy):
+            self._frozen_reference.append(copy.deepcopy(policy).eval().requires_grad_(False))
+
+    @staticmethod
+    def _check_hparams(
+        optimizer: str, eps: float, k: int, temperature: float, q: int, accumulate: int
+    ) -> None:
+        if optimizer not in ("zeroth_order", "first_order"):
+            raise ValueError(
+                f"optimizer must be 'zeroth_order' or 'first_order', got {optimizer!r}."
+            )
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0 (the SPSA perturbation scale), got {eps}.")
+        if k < 2:
+            raise ValueError(f"k (completions per prompt) must be >= 2 for RLOO, got {k}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}.")
+        if q < 1:
+            raise ValueError(f"num_perturbations must be >= 1, got {q}.")
+        if accumulate < 1:
+            raise ValueError(f"accumulate_batches must be >= 1, got {accumulate}.")
+
+    # -- configuration --------------------------------------------------------------------
+    def set_optimizer(self, optimizer: OptimizerMode, lr: float | None = None) -> None:
+        """Switch between zeroth- and first-order updates (takes effect at the next ``fit``)."""
+        self._check_hparams(optimizer, self.hparams.eps, self.hparams.k, self.hparams.temperature,
+                            self.hparams.num_perturbations, self.hparams.accumulate_batches)
+        self.hparams.optimizer = optimizer
+        if lr is not None:
+            self.hparams.lr = lr
+
+    @property
+    def rollout_config(self) -> RolloutConfig:
+        h = self.hparams
+        return RolloutConfig(
+            k=h.k, temperature=h.temperature, max_new_tokens=h.max_new_tokens, beta=h.beta,
+            missing_eos_penalty=h.missing_eos_penalty, micro_batch_size=h.micro_batch_size,
+        )
+
+    @property
+    def trainable_parameters(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def _exact_restore(self) -> bool:
+        if self.hparams.exact_restore is not None:
+            return bool(self.hparams.exact_restore)
+        trainable = sum(p.numel() for p in self.trainable_parameters.values())
+        total = sum(p.numel() for p in self.policy.parameters())
+        return trainable <= 0.1 * total
+
+    def total_policy_updates(self) -> int:
+        """Policy updates this ``fit`` will make (``max_steps`` when set)."""
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        batches = self.trainer.estimated_stepping_batches
+        return max(1, int(batches) // self.hparams.accumulate_batches)
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        h = self.hparams
+        params = self.trainable_parameters
+        if h.optimizer == "first_order":
+            decay = [p for n, p in params.items() if p.ndim >= 2 and not n.endswith("bias")]
+            no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
+            optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": h.weight_decay},
+                 {"params": no_decay, "weight_decay": 0.0}],
+                lr=h.lr,
+            )
+        else:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            optimizer = ZerothOrderOptimizer(
+                params.items(), self.sampler, lr=h.lr, eps=h.eps, weight_decay=h.weight_decay,
+                num_perturbations=h.num_perturbations, exact_restore=self._exact_restore(),
+                cache_directions=h.cache_directions,
+                reduce_fn=self._cross_rank_mean if world > 1 else None,
+            )
+        total = self.total_policy_updates()
+        if isinstance(self.sampler, ZOPrOSampler) and self.sampler.total_steps is None:
+            self.sampler.total_steps = total
+        scheduler = get_scheduler(
+            h.lr_schedule, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _cross_rank_mean(self, values: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(values.to(self.device), reduce_op="mean").cpu()
+
+    # -- reference policy -----------------------------------------------------------------
+    @contextmanager
+    def reference_policy(self) -> Iterator[nn.Module]:
+        """The SFT policy: the LoRA network with its adapter off, or the frozen copy."""
+        if is_peft_model(self.policy):
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield self._frozen_reference[0]
+
+    def on_fit_start(self) -> None:
+        for reference in self._frozen_reference:
+            reference.to(self.device)
+        reward_model = getattr(self.reward_fn, "model", None)
+        if isinstance(reward_model, nn.Module):
+            reward_model.to(self.device)
+
+    # -- the algorithm ----------------------------------------------------------------------
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """Sample, score and prepare one batch (DESIGN.md §2.1)."""
+        self.policy.eval()  # no dropout: the two SPSA evaluations must see the same network
+        reference = self.reference_policy if self.hparams.beta > 0 else None
+        return collect_rollout(
+            self.policy, self.tokenizer, prompts, self.reward_fn, self.rollout_config, reference
+        )
+
+    def step_seed(self) -> int:
+        """Seed of the current policy update: the same on every rank, new each update."""
+        return derive_seed(self.hparams.seed, self.policy_updates)
+
+    def surrogate_loss(self, rollouts: list[Rollout], backward: bool = False) -> Tensor:
+        """Mean clipped surrogate over every completion of ``rollouts`` (DESIGN.md §2.2),
+        evaluated micro-batch by micro-batch at the current parameters. With ``backward``,
+        each micro-batch's share is back-propagated as it is computed."""
+        total_rows = sum(len(r) for r in rollouts)
+        total = torch.zeros((), device=self.device)
+        for rollout in rollouts:
+            for rows in rollout.micro_batches(self.hparams.micro_batch_size):
+                new_logprobs = completion_logprobs(
+                    self.policy, rollout.input_ids[rows], rollout.attention_mask[rows],
+                    rollout.completion_mask[rows], self.hparams.temperature,
+                )
+                loss = clipped_surrogate(
+                    new_logprobs, rollout.old_logprobs[rows], rollout.advantages[rows],
+                    self.hparams.clip_range,
+                ).sum() / total_rows
+                if backward:
+                    self.manual_backward(loss)
+                total = total + loss.detach()
+        return total
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        rollout = self.rollout(prompts_of(batch))
+        self.last_rollout = rollout
+        self._pending.append(rollout)
+        if len(self._pending) < self.hparams.accumulate_batches:
+            return None
+        rollouts, self._pending = self._pending, []
+        optimizer = self.optimizers()
+        if self.hparams.optimizer == "zeroth_order":
+            step_metrics = self._zeroth_order_update(optimizer, rollouts)
+        else:
+            step_metrics = self._first_order_update(optimizer, rollouts)
+        self.lr_schedulers().step()
+        self.policy_updates += 1
+        metrics = {key: sum(r.metrics[key] for r in rollouts) / len(rollouts)
+                   for key in rollout.metrics}
+        self.log_dict({f"policy/{k}": v for k, v in (metrics | step_metrics).items()},
+                      on_step=True, on_epoch=False, batch_size=len(rollout))
+        self.log("reward", metrics["reward_mean"], prog_bar=True, on_step=True, logger=False,
+                 batch_size=len(rollout))
+        return None
+
+    def _zeroth_order_update(self, optimizer, rollouts: list[Rollout]) -> dict[str, float]:
+        lr = optimizer.param_groups[0]["lr"]
+
+        def loss_fn() -> Tensor:
+            with torch.inference_mode():
+                return self.surrogate_loss(rollouts)
+
+        result = optimizer.step(loss_fn=loss_fn, seed=self.step_seed())
+        metrics = {
+            "projected_grad": result.projected_grad,
+            "loss_plus": float(result.loss_plus.mean()),
+            "loss_minus": float(result.loss_minus.mean()),
+            "loss": result.loss,
+            "lr": lr,
+            "skipped_steps": float(optimizer.optimizer.skipped_steps),
+        }
+        if isinstance(self.sampler, ZOPrOSampler):
+            metrics["decay"] = self.sampler.decay
+        return metrics
+
+    def _first_order_update(self, optimizer, rollouts: list[Rollout]) -> dict[str, float]:
+        lr = optimizer.param_groups[0]["lr"]
+        self.policy.eval()
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.surrogate_loss(rollouts, backward=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": float(loss), "lr": lr}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["zopro"] = {
+            "policy_updates": self.policy_updates,
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("zopro")
+        if state is not None:
+            self.policy_updates = int(state["policy_updates"])
+            self.sampler.load_state_dict(state["sampler"])

@@ -1,0 +1,88 @@
+"""RLOO advantages, the sequence-level KL penalty and the clipped surrogate (DESIGN.md §2.1–2.2).
+
+Completions are laid out prompt-major: for ``B`` prompts and ``k`` completions each, row
+``b * k + j`` is completion ``j`` of prompt ``b`` (``N = B * k`` rows in all).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sequence_logprob_sums(token_logprobs: Tensor, completion_mask: Tensor) -> Tensor:
+    """``sum_t log pi(y_t)`` over each completion's real tokens.
+
+    Args:
+        token_logprobs: ``[N, T]`` log-probabilities of the sampled tokens.
+        completion_mask: ``[N, T]`` 1 for real completion tokens (up to and including EOS).
+
+    Returns:
+        ``[N]`` sequence log-probabilities.
+    """
+    return (token_logprobs * completion_mask).sum(dim=-1)
+
+
+def sequence_kl(old_logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``KL_i = sum_t (log pi_old(y_t) - log pi_ref(y_t))``, from ``[N]`` sequence sums."""
+    return old_logprobs - ref_logprobs
+
+
+def rlhf_rewards(rewards: Tensor, kl: Tensor, beta: float) -> Tensor:
+    """``rho_i = r_i - beta * KL_i`` (``[N]``)."""
+    return rewards - beta * kl
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """REINFORCE-leave-one-out advantages.
+
+    For each prompt's group of ``k`` rewards ``rho_1..rho_k``:
+    ``b_i = (sum_j rho_j - rho_i) / (k - 1)`` and ``A_i = rho_i - b_i``.
+
+    Non-finite rewards (a reward callable that returned NaN for some items) are left out:
+    the baseline averages the finite rewards of the other members, the left-out completion gets
+    advantage 0 (it does not move the policy), and a group with fewer than two finite rewards
+    gets advantages 0.
+
+    Args:
+        rewards: ``[B * k]`` prompt-major.
+        k: completions per prompt, ``>= 2``.
+
+    Returns:
+        ``[B * k]`` advantages.
+    """
+    if k < 2:
+        raise ValueError(f"rloo_advantages: k must be >= 2 for a leave-one-out baseline, got {k}.")
+    if rewards.numel() % k:
+        raise ValueError(
+            f"rloo_advantages: {rewards.numel()} rewards are not a whole number of groups of {k}."
+        )
+    grouped = rewards.reshape(-1, k).double()
+    finite = torch.isfinite(grouped)
+    values = torch.where(finite, grouped, torch.zeros_like(grouped))
+    count = finite.sum(dim=1, keepdim=True)
+    others = (count - finite.long()).clamp(min=1)
+    baseline = (values.sum(dim=1, keepdim=True) - values) / others
+    advantages = torch.where(finite & (count >= 2), values - baseline, torch.zeros_like(values))
+    return advantages.reshape(-1).to(rewards.dtype)
+
+
+def clipped_surrogate(
+    new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float
+) -> Tensor:
+    """Per-sequence clipped surrogate loss.
+
+    ``ratio_i = exp(log pi_theta(y_i) - log pi_old(y_i))`` (sequence level) and
+    ``l_i = max(-A_i ratio_i, -A_i clip(ratio_i, 1 - c, 1 + c))``. The loss of DESIGN.md §2.2 is
+    the mean of ``l_i`` over all completions.
+
+    Args:
+        new_logprobs, old_logprobs, advantages: ``[n]``.
+        clip_range: ``c``.
+
+    Returns:
+        ``[n]`` per-sequence losses.
+    """
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped)

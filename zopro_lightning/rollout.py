@@ -1,0 +1,253 @@
+"""Rollouts: sample ``k`` completions per prompt, score them, and compute log-probabilities and
+the sequence-level KL to the reference policy (DESIGN.md §2.1).
+
+Log-probabilities are those of the *tempered* sampling distribution (logits divided by the
+temperature ``tau``), for ``pi_old``, ``pi_ref`` and ``pi_theta`` alike, so the ratio and the KL
+compare the distributions the samples actually came from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from zopro_lightning.objectives import rlhf_rewards, rloo_advantages, sequence_kl
+from zopro_lightning.rewards import RewardFn, score_completions
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions and everything the loss needs, prompt-major.
+
+    Shapes: ``N = B * k`` rows; ``S = P + T`` tokens (``P`` left-padded prompt tokens, ``T``
+    completion tokens).
+    """
+
+    prompts: list[str]  # [N] each prompt repeated k times
+    completions: list[str]  # [N]
+    input_ids: Tensor  # [N, S]
+    attention_mask: Tensor  # [N, S]
+    completion_mask: Tensor  # [N, T] 1 on real completion tokens (through EOS)
+    old_logprobs: Tensor  # [N] sum over completion tokens under pi_old
+    ref_logprobs: Tensor  # [N] under pi_ref
+    rewards: Tensor  # [N] reward callable's scores (after the missing-EOS penalty)
+    kl: Tensor  # [N]
+    rlhf_reward: Tensor  # [N] rewards - beta * kl
+    advantages: Tensor  # [N] RLOO
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.completion_mask.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def micro_batches(self, size: int | None) -> Iterator[slice]:
+        """Row slices of at most ``size`` rows (all rows when ``size`` is None)."""
+        step = size or len(self)
+        for start in range(0, len(self), step):
+            yield slice(start, min(start + step, len(self)))
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as generation computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """``sum_t log pi(y_t | x, y_<t)`` over the completion tokens, tempered by ``temperature``.
+
+    Args:
+        input_ids, attention_mask: ``[n, P + T]``.
+        completion_mask: ``[n, T]``.
+
+    Returns:
+        ``[n]`` float32 sequence log-probabilities.
+    """
+    completion_len = completion_mask.shape[1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).logits
+    # the logits at position t predict token t+1: keep those predicting the completion
+    logits = logits[:, -completion_len - 1 : -1].float() / temperature
+    targets = input_ids[:, -completion_len:]
+    token_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logprobs * completion_mask).sum(-1)
+
+
+def batched_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    temperature: float,
+    micro_batch_size: int | None,
+) -> Tensor:
+    """:func:`completion_logprobs` over micro-batches of rows (``[N]``)."""
+    step = micro_batch_size or input_ids.shape[0]
+    return torch.cat(
+        [
+            completion_logprobs(
+                model,
+                input_ids[i : i + step],
+                attention_mask[i : i + step],
+                completion_mask[i : i + step],
+                temperature,
+            )
+            for i in range(0, input_ids.shape[0], step)
+        ]
+    )
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling and reward settings of a rollout (DESIGN.md §2.1)."""
+
+    k: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    beta: float = 0.05
+    missing_eos_penalty: float | None = None
+    micro_batch_size: int | None = None
+
+
+@torch.no_grad()
+def generate_completions(
+    policy: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    config: RolloutConfig,
+    do_sample: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Sample ``k`` completions per prompt (prompt-major).
+
+    Returns:
+        ``(input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T], P)`` where the
+        completion mask covers real tokens up to and including the first EOS.
+    """
+    repeated = [p for p in prompts for _ in range(config.k)] if do_sample else list(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(policy.parameters()).device
+    encoded = {key: value.to(device) for key, value in encoded.items()}
+    prompt_len = encoded["input_ids"].shape[1]
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0}
+    output = policy.generate(
+        input_ids=encoded["input_ids"],
+        attention_mask=encoded["attention_mask"],
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **(sampling if do_sample else {"do_sample": False}),
+    )
+    completion = output[:, prompt_len:]
+    is_eos = completion == tokenizer.eos_token_id
+    # real tokens: those up to and including the first EOS
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    completion_mask = (~after_eos).long()
+    attention_mask = torch.cat([encoded["attention_mask"], completion_mask], dim=1)
+    return output, attention_mask, completion_mask, prompt_len
+
+
+def decode_completions(tokenizer, input_ids: Tensor, completion_mask: Tensor) -> list[str]:
+    completion = input_ids[:, -completion_mask.shape[1] :]
+    return [
+        tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+        for row, mask in zip(completion, completion_mask, strict=True)
+    ]
+
+
+def has_eos(tokenizer, input_ids: Tensor, completion_mask: Tensor) -> Tensor:
+    """``[N]`` whether each completion ended with EOS within ``max_new_tokens``."""
+    completion = input_ids[:, -completion_mask.shape[1] :]
+    return ((completion == tokenizer.eos_token_id) & completion_mask.bool()).any(-1)
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    config: RolloutConfig,
+    reference: Callable[[], AbstractContextManager[nn.Module]] | None,
+) -> Rollout:
+    """Sample, score, and compute log-probs, KL, RLHF rewards and RLOO advantages.
+
+    Args:
+        reference: a context manager factory yielding the reference policy (e.g. the same
+            LoRA network with the adapter switched off); ``None`` when ``beta == 0``.
+    """
+    start = time.perf_counter()
+    input_ids, attention_mask, completion_mask, _ = generate_completions(
+        policy, tokenizer, prompts, config
+    )
+    generation_seconds = time.perf_counter() - start
+    completions = decode_completions(tokenizer, input_ids, completion_mask)
+    repeated = [p for p in prompts for _ in range(config.k)]
+
+    def logprobs(model: nn.Module) -> Tensor:
+        return batched_logprobs(
+            model, input_ids, attention_mask, completion_mask, config.temperature,
+            config.micro_batch_size,
+        )
+
+    old_logprobs = logprobs(policy)
+    if reference is not None:
+        with reference() as reference_policy:
+            ref_logprobs = logprobs(reference_policy)
+    else:
+        ref_logprobs = old_logprobs.clone()
+    rewards = score_completions(reward_fn, repeated, completions).to(old_logprobs.device)
+    eos = has_eos(tokenizer, input_ids, completion_mask)
+    if config.missing_eos_penalty is not None:
+        rewards = torch.where(eos, rewards, rewards - config.missing_eos_penalty)
+    kl = sequence_kl(old_logprobs, ref_logprobs)
+    rho = rlhf_rewards(rewards, kl, config.beta)
+    advantages = rloo_advantages(rho, config.k)
+    finite = torch.isfinite(rewards)
+    n_tokens = int(completion_mask.sum())
+    metrics = {
+        "reward_mean": float(rewards[finite].mean()),
+        "reward_std": float(rewards[finite].std()) if finite.sum() > 1 else 0.0,
+        "kl": float(kl.mean()),
+        "rlhf_reward": float(rho[finite].mean()),
+        "advantage_std": float(advantages.std()),
+        "nonfinite_rewards": float((~finite).sum()),
+        "eos_fraction": float(eos.float().mean()),
+        "completion_tokens": float(n_tokens) / len(completions),
+        "generated_tokens_per_second": n_tokens / max(generation_seconds, 1e-9),
+    }
+    return Rollout(
+        prompts=repeated,
+        completions=completions,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=completion_mask.to(old_logprobs.dtype),
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        rewards=rewards,
+        kl=kl,
+        rlhf_reward=rho,
+        advantages=advantages,
+        metrics=metrics,
+    )

@@ -1,0 +1,254 @@
+"""Perturbation samplers for the SPSA step (DESIGN.md §2.3–2.4).
+
+A sampler draws the direction ``z`` for one trainable tensor from a seeded generator. It is
+called once per tensor per use (perturb, un-perturb, update), always with a generator seeded
+from ``(step seed, tensor name)``, so the same ``z`` is regenerated each time and never stored.
+
+- :class:`GaussianSampler`: ``z ~ N(0, I)``, the isotropic direction of MeZO.
+- :class:`RademacherSampler`: ``z`` uniform on ``{-1, +1}``.
+- :class:`ZOPrOSampler`: the targeted direction of ZOPrO, built from the previous policy update
+  ``mu`` and the reward model's update ``v`` (see its docstring).
+
+Every sampler follows :class:`PerturbationSampler`: ``sample``, ``step`` (once per policy
+update), ``state_dict`` and ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+DecaySchedule = Literal["linear", "exp", "constant"]
+
+_ADAPTER_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+|modules_to_save)\.[^.]+\.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
+
+
+def canonical_name(name: str) -> str:
+    """Name of a parameter with wrapper prefixes and adapter names removed.
+
+    ``base_model.model.model.layers.0.q_proj.lora_A.default.weight`` becomes
+    ``model.layers.0.q_proj.lora_A.weight`` for a PEFT causal LM and for a PEFT
+    sequence classifier built from the same base alike, so policy and reward-model tensors of
+    the same layer share a name (DESIGN.md §2.4).
+    """
+    changed = True
+    while changed:
+        changed = False
+        for prefix in (*_WRAPPER_PREFIXES, "base_model.model."):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                changed = True
+    return _ADAPTER_SEGMENT.sub(lambda m: f".{m.group(1)}.", name)
+
+
+@runtime_checkable
+class PerturbationSampler(Protocol):
+    """What the SPSA step needs from a sampler."""
+
+    def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
+        """Direction ``z`` for tensor ``name``, shaped and typed like ``param``."""
+        ...
+
+    def step(self) -> None:
+        """Advance the schedule once per policy update."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def _standard_normal(param: Tensor, generator: torch.Generator) -> Tensor:
+    """``N(0, I)`` draw in float32 on the parameter's device (float32 keeps low-precision
+    models' directions identical to full-precision ones)."""
+    return torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+
+
+class GaussianSampler:
+    """Isotropic Gaussian directions, ``z ~ N(0, I)`` (MeZO). Stateless."""
+
+    def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
+        return _standard_normal(param, generator).to(param.dtype)
+
+    def step(self) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "GaussianSampler()"
+
+
+class RademacherSampler(GaussianSampler):
+    """Rademacher directions: each coordinate ``+1`` or ``-1`` with probability 1/2."""
+
+    def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
+        bits = torch.randint(0, 2, param.shape, generator=generator, device=param.device)
+        return (bits * 2 - 1).to(param.dtype)
+
+    def __repr__(self) -> str:
+        return "RademacherSampler()"
+
+
+class ZOPrOSampler:
+    r"""ZOPrO's targeted sampler (DESIGN.md §2.4).
+
+    For trainable tensor ``n`` with previous policy update :math:`\mu_n` and reward-model update
+    :math:`v_n` (all flattened per tensor):
+
+    .. math::
+        \hat v = v_n / \lVert v_n \rVert, \quad \xi \sim N(0, I), \quad
+        \xi_\perp = \xi - (\hat v \cdot \xi)\,\hat v, \quad
+        \tilde\xi = \xi_\perp \, \lVert \mu_n \rVert / (\lVert \xi_\perp \rVert + 10^{-8}),
+
+    .. math::
+        z_n = d_t\, \mu_n + \sqrt{1 - d_t^2}\, \tilde\xi .
+
+    Hence ``z - d mu`` is orthogonal to ``v`` and has norm ``sqrt(1 - d^2) * ||mu||``.
+
+    Fallbacks, so the direction is never zero: no reward counterpart (or ``v_n = 0``): no
+    projection; no ``mu_n`` (first iteration) or ``mu_n = 0``: plain ``xi`` (MeZO).
+
+    The decay ``d_t`` starts at ``initial_decay`` and moves once per :meth:`step`:
+    ``"linear"``: ``d -= 1 / total_steps`` (floored at 0); ``"exp"``:
+    ``d_t = d_0 exp(-rate * t)``; ``"constant"``: ``d_t = d_0``.
+
+    Args:
+        decay: the schedule of ``d_t``.
+        total_steps: policy updates over which the linear schedule reaches 0. May be left
+            ``None`` and set later (``ZOPrOModule`` fills it from the trainer).
+        initial_decay: ``d_0`` in ``[0, 1]``.
+        exp_rate: the rate of the exponential schedule (1.0 as in DESIGN.md).
+    """
+
+    def __init__(
+        self,
+        decay: DecaySchedule = "linear",
+        total_steps: int | None = None,
+        initial_decay: float = 1.0 - 1e-3,
+        exp_rate: float = 1.0,
+    ) -> None:
+        if decay not in ("linear", "exp", "constant"):
+            raise ValueError(
+                f"ZOPrOSampler: unknown decay {decay!r}; use 'linear', 'exp' or 'constant'."
+            )
+        if not 0.0 <= initial_decay <= 1.0:
+            raise ValueError(f"ZOPrOSampler: initial_decay must lie in [0, 1], got {initial_decay}.")
+        if total_steps is not None and total_steps <= 0:
+            raise ValueError(f"ZOPrOSampler: total_steps must be positive, got {total_steps}.")
+        self.decay_schedule: DecaySchedule = decay
+        self.total_steps = total_steps
+        self.initial_decay = float(initial_decay)
+        self.exp_rate = float(exp_rate)
+        self.decay = float(initial_decay)
+        self.num_steps = 0
+        self._mu: dict[str, Tensor] = {}
+        self._v_hat: dict[str, Tensor] = {}
+        self.matched_tensors = 0
+
+    # -- directions ---------------------------------------------------------------------------
+    def set_directions(
+        self,
+        policy_update: Mapping[str, Tensor] | None,
+        reward_update: Mapping[str, Tensor] | None = None,
+    ) -> int:
+        """Store ``mu`` (keyed by policy parameter name) and ``v`` (keyed by reward-model
+        parameter name). Names are matched after :func:`canonical_name`.
+
+        Returns:
+            how many policy tensors found a reward counterpart of the same shape.
+
+        Raises:
+            ValueError: a reward tensor matches a policy tensor by name but not by shape.
+        """
+        mu = {canonical_name(n): t.detach().float().flatten().clone()
+              for n, t in (policy_update or {}).items()}
+        v_hat: dict[str, Tensor] = {}
+        for raw_name, tensor in (reward_update or {}).items():
+            name = canonical_name(raw_name)
+            flat = tensor.detach().float().flatten()
+            if name in mu and flat.numel() != mu[name].numel():
+                raise ValueError(
+                    f"ZOPrOSampler: reward update {raw_name!r} has {flat.numel()} elements but the "
+                    f"policy update of the same name has {mu[name].numel()}. Policy and reward "
+                    "model must share the LoRA layout (same base, rank and target modules) for "
+                    "their tensors to be matched; otherwise rename or drop the reward tensors."
+                )
+            norm = flat.norm()
+            if torch.isfinite(norm) and norm > 0:
+                v_hat[name] = flat / norm
+        self._mu = mu
+        self._v_hat = v_hat
+        self.matched_tensors = sum(1 for n in mu if n in v_hat)
+        return self.matched_tensors
+
+    def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
+        xi = _standard_normal(param, generator).flatten()
+        key = canonical_name(name)
+        mu = self._mu.get(key)
+        if mu is not None and mu.numel() != xi.numel():
+            raise ValueError(
+                f"ZOPrOSampler: stored policy update for {name!r} has {mu.numel()} elements but the "
+                f"parameter has {xi.numel()}; the directions belong to another model."
+            )
+        mu_norm = mu.norm() if mu is not None else None
+        if mu is None or not torch.isfinite(mu_norm) or mu_norm == 0:
+            return xi.view_as(param).to(param.dtype)
+        mu = mu.to(xi.device)
+        v_hat = self._v_hat.get(key)
+        if v_hat is not None:
+            v_hat = v_hat.to(xi.device)
+            xi = xi - torch.dot(v_hat, xi) * v_hat
+        xi_tilde = xi * (mu_norm.to(xi.device) / (xi.norm() + 1e-8))
+        d = self.decay
+        z = d * mu + math.sqrt(max(0.0, 1.0 - d * d)) * xi_tilde
+        return z.view_as(param).to(param.dtype)
+
+    # -- schedule -----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance ``d_t`` by one policy update."""
+        self.num_steps += 1
+        if self.decay_schedule == "linear":
+            if self.total_steps is None:
+                raise ValueError(
+                    "ZOPrOSampler(decay='linear') needs total_steps (the number of policy updates "
+                    "over which d decays to 0); pass it, or use decay='exp' or 'constant'."
+                )
+            self.decay = max(0.0, self.decay - 1.0 / self.total_steps)
+        elif self.decay_schedule == "exp":
+            self.decay = self.initial_decay * math.exp(-self.exp_rate * self.num_steps)
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "num_steps": self.num_steps,
+            "total_steps": self.total_steps,
+            "mu": {n: t.cpu() for n, t in self._mu.items()},
+            "v_hat": {n: t.cpu() for n, t in self._v_hat.items()},
+            "matched_tensors": self.matched_tensors,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.num_steps = int(state["num_steps"])
+        self.total_steps = state["total_steps"]
+        self._mu = {n: t.clone() for n, t in state["mu"].items()}
+        self._v_hat = {n: t.clone() for n, t in state["v_hat"].items()}
+        self.matched_tensors = int(state["matched_tensors"])
+
+    def __repr__(self) -> str:
+        return (
+            f"ZOPrOSampler(decay={self.decay_schedule!r}, d={self.decay:.4f}, "
+            f"total_steps={self.total_steps}, matched={self.matched_tensors})"
+        )

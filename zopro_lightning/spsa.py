@@ -1,0 +1,186 @@
+"""The two-point SPSA step, seeded and in place (DESIGN.md §2.3).
+
+For step seed ``s`` and each of ``q`` perturbations ``j``::
+
+    z_j    = sampler.sample(name, p, generator seeded from (s, j, name))   for every tensor p
+    L+     = L(theta + eps z_j) ;  L- = L(theta - eps z_j)                  (no autograd)
+    g_j    = (L+ - L-) / (2 eps)                                            (one scalar)
+    theta <- theta - lr (mean_j g_j z_j + weight_decay * theta)
+
+``z`` is never stored: it is regenerated from its seed whenever needed (MeZO's trick), so the
+step needs the memory of inference. The loss function evaluates every micro-batch at the same
+perturbed point, so ``g`` is the average over micro-batches that share ``z``. A non-finite
+``g`` skips the update and leaves ``theta`` bit-identical.
+
+Restoration after the two evaluations:
+
+- ``exact_restore=True``: a copy of the trainable tensors is kept during the step and copied
+  back, so ``theta`` returns bit for bit. The copy costs the size of the *trainable* set,
+  negligible with LoRA.
+- ``exact_restore=False``: MeZO's arithmetic ``+eps z, -2 eps z, +eps z`` with no copy: for
+  full-parameter training of large models, where a copy would double the weights' memory.
+  ``theta`` then returns to within float rounding (a few ulp), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from zopro_lightning.samplers import PerturbationSampler
+
+LossFn = Callable[[], Tensor]
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived deterministically from ``parts`` (stable across processes and
+    platforms, unlike ``hash``)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """The generator that draws ``z`` for tensor ``name`` at seed ``seed``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, name))
+    return generator
+
+
+def applies_weight_decay(name: str, param: Tensor) -> bool:
+    """Weight decay applies to matrices only: not to biases, norm weights or other vectors."""
+    return param.ndim >= 2 and not name.endswith("bias")
+
+
+@dataclass
+class SPSAResult:
+    """What one SPSA step measured.
+
+    Attributes:
+        projected_grads: ``[q]`` the scalars ``g_j`` (averaged across ranks when reduced).
+        loss_plus: ``[q]`` losses at ``theta + eps z_j``.
+        loss_minus: ``[q]`` losses at ``theta - eps z_j``.
+        skipped: the update was skipped because some ``g_j`` was not finite.
+    """
+
+    projected_grads: Tensor
+    loss_plus: Tensor
+    loss_minus: Tensor
+    skipped: bool
+
+    @property
+    def projected_grad(self) -> float:
+        return float(self.projected_grads.mean())
+
+    @property
+    def loss(self) -> float:
+        """Two-point estimate of the loss at ``theta``: mean of ``L+`` and ``L-``."""
+        return float((self.loss_plus + self.loss_minus).mean() / 2)
+
+
+class _Directions:
+    """Regenerates (or, with ``cache=True``, remembers) the directions of one step."""
+
+    def __init__(self, sampler: PerturbationSampler, seed: int, cache: bool) -> None:
+        self.sampler, self.seed, self.cache = sampler, seed, cache
+        self._cached: dict[tuple[int, str], Tensor] = {}
+
+    def __call__(self, j: int, name: str, param: Tensor) -> Tensor:
+        key = (j, name)
+        if key in self._cached:
+            return self._cached[key]
+        generator = tensor_generator(derive_seed(self.seed, j), name, param.device)
+        z = self.sampler.sample(name, param, generator)
+        if self.cache:
+            self._cached[key] = z
+        return z
+
+
+@torch.no_grad()
+def perturb_(
+    params: Mapping[str, Tensor],
+    directions: Callable[[int, str, Tensor], Tensor],
+    j: int,
+    scale: float,
+) -> None:
+    """``p += scale * z_j`` for every tensor, in place."""
+    for name, param in params.items():
+        param.add_(directions(j, name, param), alpha=scale)
+
+
+@torch.no_grad()
+def spsa_step(
+    params: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    sampler: PerturbationSampler,
+    *,
+    seed: int,
+    eps: float,
+    lr: float,
+    weight_decay: float = 0.0,
+    num_perturbations: int = 1,
+    exact_restore: bool = True,
+    cache_directions: bool = False,
+    reduce_fn: ReduceFn | None = None,
+) -> SPSAResult:
+    """One forward-only update of ``params`` (see the module docstring for the math).
+
+    Args:
+        params: the trainable tensors by name (changed in place).
+        loss_fn: evaluates the loss at the current ``params``; called ``2 * q`` times.
+        sampler: draws the directions.
+        seed: the step seed, the same on every rank.
+        eps: perturbation scale, > 0.
+        lr: learning rate of this step.
+        weight_decay: decoupled-into-the-step L2 coefficient ``lambda`` (matrices only).
+        num_perturbations: ``q``, directions averaged per update.
+        exact_restore: restore ``theta`` from a copy (bit-exact) or by arithmetic (no copy).
+        cache_directions: keep each ``z`` after its first draw instead of regenerating it
+            (same numbers; for small trainable sets).
+        reduce_fn: averages the ``[3, q]`` tensor of ``(g, L+, L-)`` across data-parallel
+            ranks (one all-reduce per step); ``None`` on one process.
+    """
+    if eps <= 0 or not math.isfinite(eps):
+        raise ValueError(f"spsa_step: eps must be a positive finite number, got {eps}.")
+    if num_perturbations < 1:
+        raise ValueError(f"spsa_step: num_perturbations must be >= 1, got {num_perturbations}.")
+    directions = _Directions(sampler, seed, cache_directions)
+    backup = {n: p.detach().clone() for n, p in params.items()} if exact_restore else None
+
+    def restore(j: int, scale_from_theta: float) -> None:
+        if backup is not None:
+            for name, param in params.items():
+                param.copy_(backup[name])
+        else:
+            perturb_(params, directions, j, -scale_from_theta)
+
+    stats = torch.zeros(3, num_perturbations, dtype=torch.float64)
+    for j in range(num_perturbations):
+        perturb_(params, directions, j, eps)
+        loss_plus = float(loss_fn())
+        if backup is not None:
+            restore(j, eps)
+            perturb_(params, directions, j, -eps)
+        else:
+            perturb_(params, directions, j, -2 * eps)
+        loss_minus = float(loss_fn())
+        restore(j, -eps)
+        stats[:, j] = torch.tensor(
+            [(loss_plus - loss_minus) / (2 * eps), loss_plus, loss_minus], dtype=torch.float64
+        )
+    if reduce_fn is not None:
+        stats = reduce_fn(stats)
+    grads, loss_plus_all, loss_minus_all = stats[0], stats[1], stats[2]
+    skipped = not bool(torch.isfinite(grads).all())
+    if not skipped:
+        for name, param in params.items():
+            if weight_decay and applies_weight_decay(name, param):
+                param.mul_(1.0 - lr * weight_decay)
+            for j in range(num_perturbations):
+                param.add_(directions(j, name, param), alpha=-lr * float(grads[j]) / num_perturbations)
+    return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
