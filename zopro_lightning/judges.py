@@ -92,9 +92,10 @@ class RewardJudge:
                 f"completions; it must return one score per completion, shape [{2 * b}]"
             )
         diff = scores[:b] - scores[b:]
+        valid = scores[:b].isfinite() & scores[b:].isfinite()
         labels = torch.full((b,), math.nan)
-        labels[diff > self.tie_tolerance] = 1.0
-        labels[diff < -self.tie_tolerance] = 0.0
+        labels[valid & (diff > self.tie_tolerance)] = 1.0
+        labels[valid & (diff < -self.tie_tolerance)] = 0.0
         return labels
 
     __call__ = judge

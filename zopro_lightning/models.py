@@ -128,3 +128,54 @@ def state_difference(
 ) -> dict[str, torch.Tensor]:
     """``after - before`` for every tensor in both."""
     return {n: after[n] - before[n] for n in after if n in before}
+
+
+class ModelSpec:
+    """What the ``model`` config group describes: where the policy comes from and its LoRA.
+
+    Args:
+        name_or_path: a hub name or local directory; ``None`` builds the tiny model of ``tiny``
+            with a word-level tokenizer over the task's corpus (the embedded task).
+        tokenizer: tokenizer name or path when it differs from ``name_or_path``.
+        dtype: ``"float32"``, ``"bf16"``, ... or ``"auto"``.
+        trust_remote_code: passed to ``from_pretrained`` (off unless set).
+        tiny: keyword arguments of :func:`build_tiny_causal_lm`.
+        lora: keyword arguments of :func:`add_lora` (``r``, ``alpha``, ``target_modules``, ...);
+            ``None`` trains every parameter.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        tiny: dict | None = None,
+        lora: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.name_or_path = name_or_path
+        self.tokenizer_name = tokenizer or name_or_path
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.tiny = dict(tiny or {})
+        self.lora = dict(lora) if lora else None
+        self.seed = seed
+
+    def tokenizer(self, corpus: Sequence[str] = ()):
+        if self.tokenizer_name is None:
+            from zopro_lightning.tokenizer import build_word_tokenizer
+
+            return build_word_tokenizer(corpus)
+        return load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+
+    def causal_lm(self, tokenizer) -> nn.Module:
+        if self.name_or_path is None:
+            return build_tiny_causal_lm(tokenizer, seed=self.seed, **self.tiny)
+        return load_causal_lm(self.name_or_path, self.dtype, self.trust_remote_code)
+
+    def with_lora(self, model: nn.Module, task_type: str = "CAUSAL_LM") -> nn.Module:
+        """``model`` with a fresh LoRA adapter, or fully trainable when ``lora`` is None."""
+        if self.lora is None:
+            return model.requires_grad_(True)
+        return add_lora(model, task_type=task_type, **self.lora)

@@ -131,6 +131,7 @@ class ZOPrOModule(LightningModule):
         self.reward_fn = reward_fn
         self.sampler: PerturbationSampler = sampler if sampler is not None else GaussianSampler()
         self.policy_updates = 0
+        self.skipped_steps = 0
         self.last_rollout: Rollout | None = None
         self._pending: list[Rollout] = []
         # a frozen copy of the reference policy, held outside the module tree so it is neither
@@ -306,13 +307,14 @@ class ZOPrOModule(LightningModule):
                 return self.surrogate_loss(rollouts)
 
         result = optimizer.step(loss_fn=loss_fn, seed=self.step_seed())
+        self.skipped_steps += int(result.skipped)
         metrics = {
             "projected_grad": result.projected_grad,
             "loss_plus": float(result.loss_plus.mean()),
             "loss_minus": float(result.loss_minus.mean()),
             "loss": result.loss,
             "lr": lr,
-            "skipped_steps": float(optimizer.optimizer.skipped_steps),
+            "skipped_steps": float(self.skipped_steps),
         }
         if isinstance(self.sampler, ZOPrOSampler):
             metrics["decay"] = self.sampler.decay
@@ -331,6 +333,7 @@ class ZOPrOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["zopro"] = {
             "policy_updates": self.policy_updates,
+            "skipped_steps": self.skipped_steps,
             "sampler": self.sampler.state_dict(),
         }
 
@@ -338,4 +341,5 @@ class ZOPrOModule(LightningModule):
         state = checkpoint.get("zopro")
         if state is not None:
             self.policy_updates = int(state["policy_updates"])
+            self.skipped_steps = int(state["skipped_steps"])
             self.sampler.load_state_dict(state["sampler"])

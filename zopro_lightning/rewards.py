@@ -121,9 +121,10 @@ class HFRewardModel:
         return cls(model.eval(), tokenizer, **kwargs)
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, Tensor]:
-        """Tokenise ``prompt + completion`` pairs for the classifier."""
-        side = self.tokenizer.truncation_side
-        self.tokenizer.truncation_side = "left"
+        """Tokenise ``prompt + completion`` pairs for the classifier: right padding (positions
+        start at 0 for every text), truncation from the left."""
+        sides = self.tokenizer.truncation_side, self.tokenizer.padding_side
+        self.tokenizer.truncation_side, self.tokenizer.padding_side = "left", "right"
         try:
             return self.tokenizer(
                 [p + c for p, c in zip(prompts, completions, strict=True)],
@@ -131,9 +132,10 @@ class HFRewardModel:
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
+                add_special_tokens=False,
             )
         finally:
-            self.tokenizer.truncation_side = side
+            self.tokenizer.truncation_side, self.tokenizer.padding_side = sides
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
         device = next(self.model.parameters()).device

@@ -69,16 +69,16 @@ def _malformed(column: str, problem: str, schema: str) -> ValueError:
     return ValueError(f"column {column!r} {problem}; expected the {schema}")
 
 
-def _get(row: Mapping[str, Any], column: str, schema: str) -> Any:
+def _get(row: Mapping[str, Any], column: str, schema: str, *, label: str | None = None) -> Any:
     if not isinstance(row, Mapping):
         raise ValueError(f"row is a {type(row).__name__}, not a mapping; expected the {schema}")
     if column not in row or row[column] is None:
-        raise _malformed(column, "is missing", schema)
+        raise _malformed(label or column, "is missing", schema)
     return row[column]
 
 
 def _get_str(row: Mapping[str, Any], column: str, schema: str, *, label: str | None = None) -> str:
-    value = _get(row, column, schema)
+    value = _get(row, column, schema, label=label)
     if not isinstance(value, str):
         raise _malformed(label or column, f"is a {type(value).__name__}, not a string", schema)
     return value
@@ -169,7 +169,9 @@ def messages_to_hh_text(messages: list[Message], *, add_generation_prompt: bool 
     open ``"\\n\\nAssistant:"`` turn is appended.
     """
     names = {"user": "Human", "assistant": "Assistant"}
-    parts = [f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages]
+    parts = [
+        f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages
+    ]
     if add_generation_prompt:
         parts.append(HH_ASSISTANT)
     return "".join(parts)
@@ -273,9 +275,7 @@ def _messages(value: Any, column: str, schema: str) -> list[Message]:
             raise _malformed(f"{column}[{i}]", "is not a {'role', 'content'} mapping", schema)
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
-            raise _malformed(
-                f"{column}[{i}]", "needs string 'role' and 'content' fields", schema
-            )
+            raise _malformed(f"{column}[{i}]", "needs string 'role' and 'content' fields", schema)
         out.append({"role": role, "content": content})
     return out
 
@@ -306,9 +306,7 @@ def _prompt(value: Any, column: str, schema: str) -> str | list[Message]:
         return value
     if isinstance(value, list | tuple):
         return _messages(value, column, schema)
-    raise _malformed(
-        column, f"is a {type(value).__name__}, not a string or a message list", schema
-    )
+    raise _malformed(column, f"is a {type(value).__name__}, not a string or a message list", schema)
 
 
 def extract_jsonl_pair(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -329,8 +327,9 @@ def extract_jsonl_pair(row: Mapping[str, Any]) -> dict[str, Any]:
             recovered.
     """
     if not isinstance(row, Mapping):
-        raise ValueError(f"row is a {type(row).__name__}, not a mapping; expected the "
-                         f"{_PAIR_SCHEMA}")
+        raise ValueError(
+            f"row is a {type(row).__name__}, not a mapping; expected the {_PAIR_SCHEMA}"
+        )
     chosen, chosen_context = _response(_get(row, "chosen", _PAIR_SCHEMA), "chosen")
     rejected, rejected_context = _response(_get(row, "rejected", _PAIR_SCHEMA), "rejected")
     if row.get("prompt") is not None:

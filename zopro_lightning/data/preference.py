@@ -13,6 +13,7 @@ Records are the normalised dicts of :mod:`zopro_lightning.data.extractors`.
 
 from __future__ import annotations
 
+import gzip
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -91,6 +92,16 @@ def _local_format(path: str) -> str | None:
     return None
 
 
+def _is_blank(path: Path) -> bool:
+    """Whether a (possibly gzipped) text file holds only whitespace."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def load_preference_dataset(
     name_or_path: str,
     task: Task,
@@ -130,10 +141,10 @@ def load_preference_dataset(
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no {builder} file at {str(path)!r} (task {task!r})")
+        if builder == "json" and _is_blank(path):
+            raise ValueError(f"{str(path)!r} is empty: it has no rows for task {task!r}")
         split_name = split.split("[", 1)[0]
-        rows = datasets.load_dataset(
-            builder, data_files={split_name: str(path)}, split=split
-        )
+        rows = datasets.load_dataset(builder, data_files={split_name: str(path)}, split=split)
     else:
         config = config if config is not None else DEFAULT_CONFIGS.get(task)
         try:

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny word-level tokenizer and a tiny LoRA Llama, built offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zopro_lightning.data.sentiment import build_sentiment_task
+from zopro_lightning.models import add_lora, build_tiny_causal_lm
+from zopro_lightning.tokenizer import build_word_tokenizer
+
+
+@pytest.fixture(scope="session")
+def small_task():
+    return build_sentiment_task(seed=0, n_train_prompts=32, n_eval_prompts=8, n_sft=64,
+                                n_train_pairs=32, n_eval_pairs=16)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(small_task):
+    return build_word_tokenizer(small_task.corpus())
+
+
+@pytest.fixture
+def lora_policy(tokenizer):
+    torch.manual_seed(0)
+    model = build_tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
+                                 intermediate_size=64)
+    policy = add_lora(model, r=4, alpha=8)
+    # LoRA B starts at zero; give the adapter a non-trivial start so updates are visible
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return policy
+
+
+def count_words_reward(prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """A user-written reward: how often the word 'great' appears."""
+    return torch.tensor([c.split().count("great") for c in completions], dtype=torch.float32)

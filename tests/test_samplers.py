@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from zopro_lightning.samplers import (
+    GaussianSampler,
+    RademacherSampler,
+    ZOPrOSampler,
+    canonical_name,
+)
+from zopro_lightning.spsa import tensor_generator
+
+NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
+def draw(sampler, name=NAME, shape=(6, 5), seed=7):
+    param = torch.zeros(shape)
+    return sampler.sample(name, param, tensor_generator(seed, name, param.device))
+
+
+def directions(shape=(6, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_canonical_names_match_policy_and_reward_model():
+    reward = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert canonical_name(NAME) == canonical_name(reward) == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert canonical_name("module._orig_mod.score.modules_to_save.default.weight") == (
+        "score.modules_to_save.weight"
+    )
+
+
+@pytest.mark.parametrize("d", [0.999, 0.6, 0.0])
+def test_zopro_direction_is_orthogonal_to_reward_update_and_has_matched_norm(d):
+    mu, v = directions()
+    sampler = ZOPrOSampler(decay="constant", initial_decay=d)
+    assert sampler.set_directions({NAME: mu}, {NAME: v}) == 1
+    z = draw(sampler)
+    residual = (z - d * mu).flatten()
+    v_hat = v.flatten() / v.norm()
+    assert abs(float(residual @ v_hat)) < 1e-4 * float(mu.norm())
+    assert math.isclose(float(residual.norm()), math.sqrt(1 - d * d) * float(mu.norm()),
+                        rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_same_seed_same_direction_other_seed_other_direction():
+    mu, v = directions()
+    sampler = ZOPrOSampler(decay="constant", initial_decay=0.5)
+    sampler.set_directions({NAME: mu}, {NAME: v})
+    assert torch.equal(draw(sampler, seed=3), draw(sampler, seed=3))
+    assert not torch.equal(draw(sampler, seed=3), draw(sampler, seed=4))
+    for plain in (GaussianSampler(), RademacherSampler()):
+        assert torch.equal(draw(plain, seed=3), draw(plain, seed=3))
+
+
+def test_decay_schedules():
+    linear = ZOPrOSampler(decay="linear", total_steps=4, initial_decay=0.999)
+    values = []
+    for _ in range(6):
+        linear.step()
+        values.append(linear.decay)
+    assert values[0] == pytest.approx(0.749)
+    assert values[3] == 0.0 and values[5] == 0.0  # floored at 0
+    exp = ZOPrOSampler(decay="exp", initial_decay=0.999)
+    exp.step()
+    exp.step()
+    assert exp.decay == pytest.approx(0.999 * math.exp(-2))
+    constant = ZOPrOSampler(decay="constant", initial_decay=0.9)
+    constant.step()
+    assert constant.decay == 0.9
+
+
+def test_linear_decay_without_total_steps_says_what_to_set():
+    with pytest.raises(ValueError, match="total_steps"):
+        ZOPrOSampler(decay="linear").step()
+
+
+def test_fallbacks_never_give_a_zero_direction():
+    sampler = ZOPrOSampler(decay="constant", initial_decay=0.999)
+    gaussian = draw(GaussianSampler())
+    # no directions at all (first iteration): plain xi, identical to MeZO's draw
+    assert torch.equal(draw(sampler), gaussian)
+    # mu = 0: plain xi
+    sampler.set_directions({NAME: torch.zeros(6, 5)}, {NAME: torch.randn(6, 5)})
+    assert torch.equal(draw(sampler), gaussian)
+    # no reward counterpart: no projection, but the norm still matches mu
+    mu, _ = directions()
+    sampler.set_directions({NAME: mu}, {"score.weight": torch.randn(3)})
+    assert sampler.matched_tensors == 0
+    z = draw(sampler)
+    assert z.norm() > 0
+    residual = z - 0.999 * mu
+    assert float(residual.norm()) == pytest.approx(math.sqrt(1 - 0.999**2) * float(mu.norm()),
+                                                   rel=1e-4)
+    # v = 0: no projection either
+    sampler.set_directions({NAME: mu}, {NAME: torch.zeros(6, 5)})
+    assert sampler.matched_tensors == 0
+
+
+def test_mismatched_shapes_are_refused_with_a_clear_message():
+    sampler = ZOPrOSampler(decay="constant")
+    with pytest.raises(ValueError, match="LoRA layout"):
+        sampler.set_directions({NAME: torch.randn(6, 5)}, {NAME: torch.randn(4)})
+
+
+def test_state_round_trip():
+    mu, v = directions()
+    sampler = ZOPrOSampler(decay="linear", total_steps=10)
+    sampler.set_directions({NAME: mu}, {NAME: v})
+    sampler.step()
+    restored = ZOPrOSampler(decay="linear", total_steps=10)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.decay == sampler.decay
+    assert torch.equal(draw(restored), draw(sampler))
+
+
+def test_rademacher_values():
+    z = draw(RademacherSampler(), shape=(100,))
+    assert set(z.unique().tolist()) == {-1.0, 1.0}

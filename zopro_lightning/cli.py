@@ -1,0 +1,43 @@
+"""Hydra entry point: ``zopro-train [overrides]``.
+
+Composes ``conf/`` (defaults: the embedded sentiment task on one CPU) and runs the loop of
+:mod:`zopro_lightning.pipeline`. The entry point holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    keys = ("task", "sampler", "optimizer", "policy_steps", "gold_reward_initial",
+            "gold_reward_after_first_order", "gold_reward_final", "reward_model_accuracy",
+            "kl_final", "wall_seconds", "peak_memory_mb")
+    print("\n== zopro-train summary ==")
+    for key in keys:
+        if key in summary:
+            value = summary[key]
+            print(f"{key:>32}: {value:.4f}" if isinstance(value, float) else f"{key:>32}: {value}")
+    print(f"{'run directory':>32}: {run_dir}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def train(cfg: DictConfig) -> float:
+    from zopro_lightning.pipeline import run_pipeline
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = run_pipeline(cfg, run_dir)
+    print_summary(summary, run_dir)
+    print(json.dumps({"summary": str(run_dir / "summary.json")}))
+    return float(summary["gold_reward_final"])
+
+
+if __name__ == "__main__":
+    train()

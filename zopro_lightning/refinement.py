@@ -1,0 +1,62 @@
+"""Reward refinement after a policy-learning chunk (DESIGN.md §2.5).
+
+For each prompt of the chunk the stored rollout completion meets one fresh completion of the
+current policy; the judge says which is better, and the judged pairs train the reward model
+(first-order). Optionally the refined adapter is pulled back toward the previous one:
+``phi <- alpha * phi_prev + (1 - alpha) * phi_new`` (keep-close merge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from zopro_lightning.rollout import decode_completions, generate_completions
+
+Judge = Callable[[list[str], list[str], list[str]], Tensor]
+
+
+def fresh_completions(module, prompts: Sequence[str], batch_size: int = 64) -> list[str]:
+    """One new sampled completion per prompt from the module's current policy."""
+    config = module.rollout_config
+    config.k = 1
+    completions: list[str] = []
+    module.policy.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        ids, _, mask, _ = generate_completions(module.policy, module.tokenizer, chunk, config)
+        completions += decode_completions(module.tokenizer, ids, mask)
+    return completions
+
+
+def judged_pairs(module, judge: Judge, records: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """Pairs ``{prompt, chosen, rejected}`` from stored vs fresh completions, as judged.
+
+    The judge returns 1 where the first (stored) completion is better, 0 where the second is,
+    NaN where it cannot tell; undecided pairs and identical completions are dropped.
+    """
+    if not records:
+        return []
+    prompts = [prompt for prompt, _ in records]
+    stored = [completion for _, completion in records]
+    fresh = fresh_completions(module, prompts)
+    labels = torch.as_tensor(judge(prompts, stored, fresh), dtype=torch.float32)
+    pairs = []
+    for prompt, first, second, label in zip(prompts, stored, fresh, labels.tolist(), strict=True):
+        if first == second or label != label:  # identical, or NaN (undecided)
+            continue
+        chosen, rejected = (first, second) if label >= 0.5 else (second, first)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+@torch.no_grad()
+def keep_close_merge(model: nn.Module, previous: Mapping[str, Tensor], alpha: float) -> None:
+    """``phi <- alpha * phi_prev + (1 - alpha) * phi`` on the trainable tensors, in place."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"keep_close_alpha must lie in [0, 1], got {alpha}.")
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in previous:
+            param.mul_(1.0 - alpha).add_(previous[name].to(param), alpha=alpha)
