@@ -12,8 +12,9 @@ from zopro_lightning.tokenizer import build_word_tokenizer
 
 @pytest.fixture(scope="session")
 def small_task():
-    return build_sentiment_task(seed=0, n_train_prompts=32, n_eval_prompts=8, n_sft=64,
-                                n_train_pairs=32, n_eval_pairs=16)
+    return build_sentiment_task(
+        seed=0, n_train_prompts=32, n_eval_prompts=8, n_sft=64, n_train_pairs=32, n_eval_pairs=16
+    )
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +25,9 @@ def tokenizer(small_task):
 @pytest.fixture
 def lora_policy(tokenizer):
     torch.manual_seed(0)
-    model = build_tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
-                                 intermediate_size=64)
+    model = build_tiny_causal_lm(
+        tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+    )
     policy = add_lora(model, r=4, alpha=8)
     # LoRA B starts at zero; give the adapter a non-trivial start so updates are visible
     with torch.no_grad():

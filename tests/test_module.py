@@ -13,9 +13,15 @@ from .conftest import count_words_reward
 
 
 def fit(module, prompts, steps, batch_size=2, **trainer_kwargs):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, DataLoader(prompts, batch_size=batch_size))
     return trainer
 
@@ -25,8 +31,15 @@ def trainable(policy):
 
 
 def test_user_reward_in_plain_trainer_is_forward_only(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward,
-                         ZOPrOSampler(decay="linear"), k=2, max_new_tokens=6, lr=1e-2)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        ZOPrOSampler(decay="linear"),
+        k=2,
+        max_new_tokens=6,
+        lr=1e-2,
+    )
     before = trainable(lora_policy)
     trainer = fit(module, small_task.train_prompts[:8], steps=3)
     assert trainer.global_step == 3 and module.policy_updates == 3
@@ -35,28 +48,62 @@ def test_user_reward_in_plain_trainer_is_forward_only(lora_policy, tokenizer, sm
     assert all(not torch.equal(before[n], after[n]) for n in before)
     assert module.sampler.total_steps == 3  # filled from max_steps
     logged = trainer.logged_metrics
-    for key in ("reward_mean", "reward_std", "kl", "rlhf_reward", "advantage_std",
-                "projected_grad", "loss_plus", "loss_minus", "lr", "decay", "skipped_steps",
-                "generated_tokens_per_second"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "rlhf_reward",
+        "advantage_std",
+        "projected_grad",
+        "loss_plus",
+        "loss_minus",
+        "lr",
+        "decay",
+        "skipped_steps",
+        "generated_tokens_per_second",
+    ):
         assert f"policy/{key}" in logged, key
 
 
 def test_dict_batches_accumulation_and_schedule(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4,
-                         lr=1e-2, lr_schedule="linear", accumulate_batches=2, micro_batch_size=3)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        k=2,
+        max_new_tokens=4,
+        lr=1e-2,
+        lr_schedule="linear",
+        accumulate_batches=2,
+        micro_batch_size=3,
+    )
     prompts = [{"prompt": p} for p in small_task.train_prompts[:8]]
-    loader = DataLoader(prompts, batch_size=2,
-                        collate_fn=lambda rows: {"prompt": [r["prompt"] for r in rows]})
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(
+        prompts, batch_size=2, collate_fn=lambda rows: {"prompt": [r["prompt"] for r in rows]}
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     assert trainer.global_step == 2  # 4 batches, 2 rollouts per update
     assert trainer.logged_metrics["policy/lr"] < 1e-2  # the linear schedule moved
 
 
 def test_first_order_mode_uses_backprop_and_the_same_loss(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, optimizer="first_order",
-                         k=2, max_new_tokens=4, lr=1e-2)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        optimizer="first_order",
+        k=2,
+        max_new_tokens=4,
+        lr=1e-2,
+    )
     before = trainable(lora_policy)
     fit(module, small_task.train_prompts[:4], steps=2)
     after = trainable(lora_policy)
@@ -84,8 +131,9 @@ def test_non_finite_loss_skips_and_leaves_theta_bit_identical(lora_policy, token
         (lambda p, c: torch.full((len(c),), float("nan")), "no finite value"),
     ],
 )
-def test_bad_rewards_fail_with_a_message_naming_them(lora_policy, tokenizer, small_task, reward,
-                                                      message):
+def test_bad_rewards_fail_with_a_message_naming_them(
+    lora_policy, tokenizer, small_task, reward, message
+):
     module = ZOPrOModule(lora_policy, tokenizer, reward, k=2, max_new_tokens=4)
     with pytest.raises(RewardError, match=message):
         fit(module, small_task.train_prompts[:2], steps=1)
@@ -101,8 +149,9 @@ def test_bad_hyperparameters_are_refused(lora_policy, tokenizer):
 def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
     from zopro_lightning.models import build_tiny_causal_lm
 
-    model = build_tiny_causal_lm(tokenizer, hidden_size=16, num_layers=1, num_heads=2,
-                                 intermediate_size=32)
+    model = build_tiny_causal_lm(
+        tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
+    )
     module = ZOPrOModule(model, tokenizer, count_words_reward, beta=0.1)
     with module.reference_policy() as reference:
         assert reference is not model
@@ -112,8 +161,7 @@ def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
 
 def test_checkpoint_carries_step_counter_and_sampler(lora_policy, tokenizer, small_task, tmp_path):
     sampler = ZOPrOSampler(decay="linear", total_steps=10)
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, sampler, k=2,
-                         max_new_tokens=4)
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, sampler, k=2, max_new_tokens=4)
     trainer = fit(module, small_task.train_prompts[:4], steps=2)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)

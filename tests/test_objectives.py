@@ -29,8 +29,9 @@ def test_rloo_needs_k_of_two():
 
 
 def test_kl_penalised_reward():
-    assert torch.allclose(rlhf_rewards(torch.tensor([1.0]), torch.tensor([2.0]), 0.1),
-                          torch.tensor([0.8]))
+    assert torch.allclose(
+        rlhf_rewards(torch.tensor([1.0]), torch.tensor([2.0]), 0.1), torch.tensor([0.8])
+    )
 
 
 def test_clipped_surrogate_hand_computed():

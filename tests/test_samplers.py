@@ -26,7 +26,11 @@ def directions(shape=(6, 5), seed=0):
 
 def test_canonical_names_match_policy_and_reward_model():
     reward = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
-    assert canonical_name(NAME) == canonical_name(reward) == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert (
+        canonical_name(NAME)
+        == canonical_name(reward)
+        == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    )
     assert canonical_name("module._orig_mod.score.modules_to_save.default.weight") == (
         "score.modules_to_save.weight"
     )
@@ -41,8 +45,9 @@ def test_zopro_direction_is_orthogonal_to_reward_update_and_has_matched_norm(d):
     residual = (z - d * mu).flatten()
     v_hat = v.flatten() / v.norm()
     assert abs(float(residual @ v_hat)) < 1e-4 * float(mu.norm())
-    assert math.isclose(float(residual.norm()), math.sqrt(1 - d * d) * float(mu.norm()),
-                        rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(
+        float(residual.norm()), math.sqrt(1 - d * d) * float(mu.norm()), rel_tol=1e-4, abs_tol=1e-6
+    )
 
 
 def test_same_seed_same_direction_other_seed_other_direction():
@@ -92,8 +97,9 @@ def test_fallbacks_never_give_a_zero_direction():
     z = draw(sampler)
     assert z.norm() > 0
     residual = z - 0.999 * mu
-    assert float(residual.norm()) == pytest.approx(math.sqrt(1 - 0.999**2) * float(mu.norm()),
-                                                   rel=1e-4)
+    assert float(residual.norm()) == pytest.approx(
+        math.sqrt(1 - 0.999**2) * float(mu.norm()), rel=1e-4
+    )
     # v = 0: no projection either
     sampler.set_directions({NAME: mu}, {NAME: torch.zeros(6, 5)})
     assert sampler.matched_tensors == 0
@@ -119,3 +125,15 @@ def test_state_round_trip():
 def test_rademacher_values():
     z = draw(RademacherSampler(), shape=(100,))
     assert set(z.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_isotropic_scale_keeps_the_direction_with_a_gaussian_norm():
+    mu, v = directions()
+    plain = ZOPrOSampler(decay="constant", initial_decay=0.8)
+    scaled = ZOPrOSampler(decay="constant", initial_decay=0.8, scale="isotropic")
+    for sampler in (plain, scaled):
+        sampler.set_directions({NAME: 1e-6 * mu}, {NAME: v})
+    z_plain, z_scaled = draw(plain), draw(scaled)
+    cosine = torch.nn.functional.cosine_similarity(z_plain.flatten(), z_scaled.flatten(), dim=0)
+    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    assert float(z_scaled.norm()) == pytest.approx(math.sqrt(mu.numel()), rel=0.05)

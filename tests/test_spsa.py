@@ -20,8 +20,14 @@ def test_mean_of_g_times_z_approaches_the_true_gradient():
     estimates = []
     for seed in range(4000):
         before = params["theta"].clone()
-        result = spsa_step(params, lambda: 0.5 * ((a @ params["theta"] - b) ** 2).sum(),
-                           GaussianSampler(), seed=seed, eps=1e-4, lr=1.0)
+        result = spsa_step(
+            params,
+            lambda: 0.5 * ((a @ params["theta"] - b) ** 2).sum(),
+            GaussianSampler(),
+            seed=seed,
+            eps=1e-4,
+            lr=1.0,
+        )
         # the update is -lr * g * z, so (before - after) is one g z sample
         estimates.append(before - params["theta"])
         params["theta"].copy_(before)
@@ -48,16 +54,24 @@ def test_exact_restore_after_the_two_evaluations():
 def test_arithmetic_restore_is_within_rounding():
     theta = torch.randn(50, 7)
     params = {"w": theta.clone()}
-    spsa_step(params, lambda: params["w"].sum(), GaussianSampler(), seed=1, eps=1e-3, lr=0.0,
-              exact_restore=False)
+    spsa_step(
+        params,
+        lambda: params["w"].sum(),
+        GaussianSampler(),
+        seed=1,
+        eps=1e-3,
+        lr=0.0,
+        exact_restore=False,
+    )
     assert torch.allclose(params["w"], theta, atol=1e-6)
 
 
 def test_non_finite_g_skips_the_update_and_leaves_theta_bit_identical():
     theta = torch.randn(10, 3)
     params = {"w": theta.clone()}
-    result = spsa_step(params, lambda: torch.tensor(float("nan")), GaussianSampler(), seed=0,
-                       eps=1e-3, lr=1.0)
+    result = spsa_step(
+        params, lambda: torch.tensor(float("nan")), GaussianSampler(), seed=0, eps=1e-3, lr=1.0
+    )
     assert result.skipped
     assert torch.equal(params["w"], theta)
 
@@ -67,16 +81,32 @@ def test_cached_directions_give_the_same_numbers():
     out = []
     for cache in (False, True):
         params = {"w": theta.clone()}
-        spsa_step(params, lambda p=params: (p["w"] ** 2).sum(), GaussianSampler(), seed=5,
-                  eps=1e-3, lr=0.1, num_perturbations=3, cache_directions=cache)
+        spsa_step(
+            params,
+            lambda p=params: (p["w"] ** 2).sum(),
+            GaussianSampler(),
+            seed=5,
+            eps=1e-3,
+            lr=0.1,
+            num_perturbations=3,
+            cache_directions=cache,
+        )
         out.append(params["w"])
     assert torch.equal(out[0], out[1])
 
 
 def test_weight_decay_spares_vectors_and_q_averages():
     params = {"w": torch.ones(3, 3), "bias": torch.ones(3)}
-    spsa_step(params, lambda: torch.tensor(0.0), GaussianSampler(), seed=0, eps=1e-3, lr=0.1,
-              weight_decay=0.5, num_perturbations=2)
+    spsa_step(
+        params,
+        lambda: torch.tensor(0.0),
+        GaussianSampler(),
+        seed=0,
+        eps=1e-3,
+        lr=0.1,
+        weight_decay=0.5,
+        num_perturbations=2,
+    )
     assert torch.allclose(params["w"], torch.full((3, 3), 0.95))  # g = 0: only the decay
     assert torch.equal(params["bias"], torch.ones(3))
 
@@ -85,5 +115,11 @@ def test_bad_eps_is_refused():
     import pytest
 
     with pytest.raises(ValueError, match="eps"):
-        spsa_step({"w": torch.ones(2)}, lambda: torch.tensor(0.0), GaussianSampler(), seed=0,
-                  eps=0.0, lr=0.1)
+        spsa_step(
+            {"w": torch.ones(2)},
+            lambda: torch.tensor(0.0),
+            GaussianSampler(),
+            seed=0,
+            eps=0.0,
+            lr=0.1,
+        )

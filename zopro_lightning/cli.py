@@ -17,9 +17,19 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
-    keys = ("task", "sampler", "optimizer", "policy_steps", "gold_reward_initial",
-            "gold_reward_after_first_order", "gold_reward_final", "reward_model_accuracy",
-            "kl_final", "wall_seconds", "peak_memory_mb")
+    keys = (
+        "task",
+        "sampler",
+        "optimizer",
+        "policy_steps",
+        "gold_reward_initial",
+        "gold_reward_after_first_order",
+        "gold_reward_final",
+        "reward_model_accuracy",
+        "kl_final",
+        "wall_seconds",
+        "peak_memory_mb",
+    )
     print("\n== zopro-train summary ==")
     for key in keys:
         if key in summary:

@@ -14,8 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -31,14 +37,18 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     """A tokenizer with a pad token (the EOS token when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_causal_lm(
-    name_or_path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    name_or_path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` for a hub name or a local directory."""
     from transformers import AutoModelForCausalLM
@@ -59,7 +69,9 @@ def load_sequence_classifier(
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), num_labels=1, dtype=resolve_dtype(dtype),
+        str(name_or_path),
+        num_labels=1,
+        dtype=resolve_dtype(dtype),
         trust_remote_code=trust_remote_code,
     )
     if model.config.pad_token_id is None:
@@ -111,16 +123,21 @@ def add_lora(
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-        task_type=task_type, modules_to_save=list(modules_to_save) if modules_to_save else None,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type=task_type,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
     )
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable tensors by name (float32, CPU)."""
-    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
-            if p.requires_grad}
+    return {
+        n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def state_difference(

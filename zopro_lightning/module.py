@@ -162,8 +162,14 @@ class ZOPrOModule(LightningModule):
     # -- configuration --------------------------------------------------------------------
     def set_optimizer(self, optimizer: OptimizerMode, lr: float | None = None) -> None:
         """Switch between zeroth- and first-order updates (takes effect at the next ``fit``)."""
-        self._check_hparams(optimizer, self.hparams.eps, self.hparams.k, self.hparams.temperature,
-                            self.hparams.num_perturbations, self.hparams.accumulate_batches)
+        self._check_hparams(
+            optimizer,
+            self.hparams.eps,
+            self.hparams.k,
+            self.hparams.temperature,
+            self.hparams.num_perturbations,
+            self.hparams.accumulate_batches,
+        )
         self.hparams.optimizer = optimizer
         if lr is not None:
             self.hparams.lr = lr
@@ -172,8 +178,12 @@ class ZOPrOModule(LightningModule):
     def rollout_config(self) -> RolloutConfig:
         h = self.hparams
         return RolloutConfig(
-            k=h.k, temperature=h.temperature, max_new_tokens=h.max_new_tokens, beta=h.beta,
-            missing_eos_penalty=h.missing_eos_penalty, micro_batch_size=h.micro_batch_size,
+            k=h.k,
+            temperature=h.temperature,
+            max_new_tokens=h.max_new_tokens,
+            beta=h.beta,
+            missing_eos_penalty=h.missing_eos_penalty,
+            micro_batch_size=h.micro_batch_size,
         )
 
     @property
@@ -201,17 +211,26 @@ class ZOPrOModule(LightningModule):
         params = self.trainable_parameters
         if h.optimizer == "first_order":
             decay = [p for n, p in params.items() if p.ndim >= 2 and not n.endswith("bias")]
-            no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
+            no_decay = [
+                p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias"))
+            ]
             optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": h.weight_decay},
-                 {"params": no_decay, "weight_decay": 0.0}],
+                [
+                    {"params": decay, "weight_decay": h.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
                 lr=h.lr,
             )
         else:
             world = self.trainer.world_size if self._trainer is not None else 1
             optimizer = ZerothOrderOptimizer(
-                params.items(), self.sampler, lr=h.lr, eps=h.eps, weight_decay=h.weight_decay,
-                num_perturbations=h.num_perturbations, exact_restore=self._exact_restore(),
+                params.items(),
+                self.sampler,
+                lr=h.lr,
+                eps=h.eps,
+                weight_decay=h.weight_decay,
+                num_perturbations=h.num_perturbations,
+                exact_restore=self._exact_restore(),
                 cache_directions=h.cache_directions,
                 reduce_fn=self._cross_rank_mean if world > 1 else None,
             )
@@ -221,7 +240,10 @@ class ZOPrOModule(LightningModule):
         scheduler = get_scheduler(
             h.lr_schedule, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=total
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _cross_rank_mean(self, values: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(values.to(self.device), reduce_op="mean").cpu()
@@ -265,13 +287,21 @@ class ZOPrOModule(LightningModule):
         for rollout in rollouts:
             for rows in rollout.micro_batches(self.hparams.micro_batch_size):
                 new_logprobs = completion_logprobs(
-                    self.policy, rollout.input_ids[rows], rollout.attention_mask[rows],
-                    rollout.completion_mask[rows], self.hparams.temperature,
+                    self.policy,
+                    rollout.input_ids[rows],
+                    rollout.attention_mask[rows],
+                    rollout.completion_mask[rows],
+                    self.hparams.temperature,
                 )
-                loss = clipped_surrogate(
-                    new_logprobs, rollout.old_logprobs[rows], rollout.advantages[rows],
-                    self.hparams.clip_range,
-                ).sum() / total_rows
+                loss = (
+                    clipped_surrogate(
+                        new_logprobs,
+                        rollout.old_logprobs[rows],
+                        rollout.advantages[rows],
+                        self.hparams.clip_range,
+                    ).sum()
+                    / total_rows
+                )
                 if backward:
                     self.manual_backward(loss)
                 total = total + loss.detach()
@@ -291,12 +321,23 @@ class ZOPrOModule(LightningModule):
             step_metrics = self._first_order_update(optimizer, rollouts)
         self.lr_schedulers().step()
         self.policy_updates += 1
-        metrics = {key: sum(r.metrics[key] for r in rollouts) / len(rollouts)
-                   for key in rollout.metrics}
-        self.log_dict({f"policy/{k}": v for k, v in (metrics | step_metrics).items()},
-                      on_step=True, on_epoch=False, batch_size=len(rollout))
-        self.log("reward", metrics["reward_mean"], prog_bar=True, on_step=True, logger=False,
-                 batch_size=len(rollout))
+        metrics = {
+            key: sum(r.metrics[key] for r in rollouts) / len(rollouts) for key in rollout.metrics
+        }
+        self.log_dict(
+            {f"policy/{k}": v for k, v in (metrics | step_metrics).items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=len(rollout),
+        )
+        self.log(
+            "reward",
+            metrics["reward_mean"],
+            prog_bar=True,
+            on_step=True,
+            logger=False,
+            batch_size=len(rollout),
+        )
         return None
 
     def _zeroth_order_update(self, optimizer, rollouts: list[Rollout]) -> dict[str, float]:

@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy
 from zopro_lightning.models import (
-    add_lora,
     load_sequence_classifier,
     state_difference,
     trainable_state,
@@ -59,7 +58,9 @@ def prompt_chunks(prompts: Sequence[str], iterations: int, size: int) -> list[li
     (policy learning goes over the data in order, chunk by chunk)."""
     if not prompts:
         raise ValueError("the dataset has no training prompts; check dataset.* options.")
-    return [[prompts[(t * size + i) % len(prompts)] for i in range(size)] for t in range(iterations)]
+    return [
+        [prompts[(t * size + i) % len(prompts)] for i in range(size)] for t in range(iterations)
+    ]
 
 
 class Pipeline:
@@ -76,8 +77,9 @@ class Pipeline:
         self.summary: dict[str, Any] = {
             "task": cfg.dataset.name,
             "sampler": cfg.sampler.name,
-            "optimizer": "zeroth_order" if not cfg.loop.first_order_first else
-            "first_order_then_zeroth_order",
+            "optimizer": "zeroth_order"
+            if not cfg.loop.first_order_first
+            else "first_order_then_zeroth_order",
             "seed": cfg.seed,
         }
 
@@ -86,14 +88,23 @@ class Pipeline:
         """A Lightning Trainer for one phase, from the ``trainer`` config group."""
         factory: Callable[..., L.Trainer] = instantiate(self.cfg.trainer, _partial_=True)
         return factory(
-            logger=self.logger, callbacks=list(callbacks), enable_checkpointing=False,
-            enable_model_summary=False, default_root_dir=str(self.run_dir), **kwargs,
+            logger=self.logger,
+            callbacks=list(callbacks),
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=str(self.run_dir),
+            **kwargs,
         )
 
     def loader(self, items: Sequence, batch_size: int, collate=None, shuffle=True) -> DataLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(list(items), batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=collate or (lambda batch: batch), generator=generator)
+        return DataLoader(
+            list(items),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate or (lambda batch: batch),
+            generator=generator,
+        )
 
     # -- phases ---------------------------------------------------------------------------
     def supervised_fine_tuning(self) -> torch.nn.Module:
@@ -128,12 +139,16 @@ class Pipeline:
         self.trainer("reward_model", max_epochs=epochs).fit(module, loader)
         reward.model.eval()
 
-    def refine(self, reward: HFRewardModel, policy_module: ZOPrOModule,
-               records: list[tuple[str, str]]) -> dict[str, float]:
+    def refine(
+        self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list[tuple[str, str]]
+    ) -> dict[str, float]:
         """Judge stored vs fresh completions, train the reward model on the judged pairs."""
         cfg = self.cfg.loop.refine
-        judge = instantiate(self.cfg.judge.judge, reward_fn=self.gold_reward) \
-            if self.cfg.judge.get("needs_gold") else instantiate(self.cfg.judge.judge)
+        judge = (
+            instantiate(self.cfg.judge.judge, reward_fn=self.gold_reward)
+            if self.cfg.judge.get("needs_gold")
+            else instantiate(self.cfg.judge.judge)
+        )
         pairs = judged_pairs(policy_module, judge, records)
         before = trainable_state(reward.model)
         if pairs:
@@ -145,8 +160,14 @@ class Pipeline:
     def evaluate(self, policy: torch.nn.Module) -> float:
         config = self.policy_module.rollout_config  # the training sampling settings
         config.k = self.cfg.eval.samples_per_prompt
-        return mean_gold_reward(policy, self.tokenizer, self.task.eval_prompts, self.gold_reward,
-                                config, seed=self.cfg.seed + 10_000)
+        return mean_gold_reward(
+            policy,
+            self.tokenizer,
+            self.task.eval_prompts,
+            self.gold_reward,
+            config,
+            seed=self.cfg.seed + 10_000,
+        )
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -154,7 +175,9 @@ class Pipeline:
         cfg = self.cfg
         sft_model = self.supervised_fine_tuning()
         reward = self.reward_model()
-        self.summary["reward_model_accuracy_initial"] = pairwise_accuracy(reward, self.task.eval_pairs)
+        self.summary["reward_model_accuracy_initial"] = pairwise_accuracy(
+            reward, self.task.eval_pairs
+        )
         policy = self.model_spec.with_lora(sft_model)
         sampler = instantiate(cfg.sampler.sampler)
         iterations = cfg.loop.iterations
@@ -163,7 +186,11 @@ class Pipeline:
         if isinstance(sampler, ZOPrOSampler) and sampler.total_steps is None:
             sampler.total_steps = max(1, zo_iterations * steps)
         self.policy_module = ZOPrOModule(
-            policy, self.tokenizer, reward, sampler, seed=cfg.seed,
+            policy,
+            self.tokenizer,
+            reward,
+            sampler,
+            seed=cfg.seed,
             **OmegaConf.to_container(cfg.policy, resolve=True),
         )
         self.summary["gold_reward_initial"] = self.evaluate(policy)
@@ -196,15 +223,17 @@ class Pipeline:
             self.summary.setdefault("refinement_pairs", []).append(refinement["pairs"])
             self.summary["matched_tensors"] = matched
             self.save_adapters(t, policy, reward)
-        self.summary.update({
-            "policy_steps": policy_steps,
-            "gold_reward_final": self.evaluate(policy),
-            "reward_model_accuracy": pairwise_accuracy(reward, self.task.eval_pairs),
-            "kl_final": self.policy_module.last_rollout.metrics["kl"],
-            "skipped_steps": self.policy_module.skipped_steps,
-            "wall_seconds": time.perf_counter() - start,
-            "peak_memory_mb": peak_memory_mb(),
-        })
+        self.summary.update(
+            {
+                "policy_steps": policy_steps,
+                "gold_reward_final": self.evaluate(policy),
+                "reward_model_accuracy": pairwise_accuracy(reward, self.task.eval_pairs),
+                "kl_final": self.policy_module.last_rollout.metrics["kl"],
+                "skipped_steps": self.policy_module.skipped_steps,
+                "wall_seconds": time.perf_counter() - start,
+                "peak_memory_mb": peak_memory_mb(),
+            }
+        )
         self.write_summary()
         return self.summary
 

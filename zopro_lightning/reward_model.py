@@ -48,7 +48,9 @@ class ScoreCollator:
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, object]:
         return {
-            "text": self.reward.encode([r["prompt"] for r in rows], [r["completion"] for r in rows]),
+            "text": self.reward.encode(
+                [r["prompt"] for r in rows], [r["completion"] for r in rows]
+            ),
             "score": torch.tensor([float(r["score"]) for r in rows]),
         }
 
@@ -83,19 +85,32 @@ class RewardModelModule(LightningModule):
         if self.hparams.loss == "bradley_terry":
             margin = self._pair_margin(batch)
             loss = -F.logsigmoid(margin).mean()
-            self.log("reward_model/train_accuracy", (margin > 0).float().mean(),
-                     on_step=True, batch_size=len(margin))
+            self.log(
+                "reward_model/train_accuracy",
+                (margin > 0).float().mean(),
+                on_step=True,
+                batch_size=len(margin),
+            )
         else:
             loss = F.mse_loss(self.score(batch["text"]), batch["score"].float())
-        self.log("reward_model/loss", loss, prog_bar=True, on_step=True,
-                 batch_size=self._batch_size(batch))
+        self.log(
+            "reward_model/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            batch_size=self._batch_size(batch),
+        )
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         if self.hparams.loss == "bradley_terry":
             self.val_accuracy.update((self._pair_margin(batch) > 0).float())
-            self.log("reward_model/val_accuracy", self.val_accuracy, on_epoch=True,
-                     batch_size=self._batch_size(batch))
+            self.log(
+                "reward_model/val_accuracy",
+                self.val_accuracy,
+                on_epoch=True,
+                batch_size=self._batch_size(batch),
+            )
         else:
             predicted, target = self.score(batch["text"]), batch["score"].float()
             self.val_pearson.update(predicted, target)

@@ -207,7 +207,11 @@ def collect_rollout(
 
     def logprobs(model: nn.Module) -> Tensor:
         return batched_logprobs(
-            model, input_ids, attention_mask, completion_mask, config.temperature,
+            model,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            config.temperature,
             config.micro_batch_size,
         )
 

@@ -116,6 +116,16 @@ class ZOPrOSampler:
 
     Hence ``z - d mu`` is orthogonal to ``v`` and has norm ``sqrt(1 - d^2) * ||mu||``.
 
+    Scale (``scale`` argument): DESIGN.md ties the size of ``z`` to the previous update,
+    ``||z_n|| ~ ||mu_n||`` (``scale="previous_update"``, the default, exactly the formula
+    above). Then the effective perturbation is ``eps * ||mu||`` and the effective step
+    ``lr * ||mu||^2``: both shrink with the previous update, and once an iteration moves little,
+    ``eps z`` falls under float resolution and ``g`` becomes exactly 0 (seen on the embedded
+    task). ``scale="isotropic"`` rescales the same direction to ``||z_n|| = sqrt(numel_n)``, the
+    norm a Gaussian draw has on average: ``eps`` and ``lr`` then mean what they mean for MeZO,
+    and samplers compare at equal settings. The direction (and every orthogonality property)
+    is unchanged.
+
     Fallbacks, so the direction is never zero: no reward counterpart (or ``v_n = 0``): no
     projection; no ``mu_n`` (first iteration) or ``mu_n = 0``: plain ``xi`` (MeZO).
 
@@ -129,6 +139,7 @@ class ZOPrOSampler:
             ``None`` and set later (``ZOPrOModule`` fills it from the trainer).
         initial_decay: ``d_0`` in ``[0, 1]``.
         exp_rate: the rate of the exponential schedule (1.0 as in DESIGN.md).
+        scale: ``"previous_update"`` (DESIGN.md) or ``"isotropic"`` (see above).
     """
 
     def __init__(
@@ -137,13 +148,21 @@ class ZOPrOSampler:
         total_steps: int | None = None,
         initial_decay: float = 1.0 - 1e-3,
         exp_rate: float = 1.0,
+        scale: Literal["previous_update", "isotropic"] = "previous_update",
     ) -> None:
+        if scale not in ("previous_update", "isotropic"):
+            raise ValueError(
+                f"ZOPrOSampler: unknown scale {scale!r}; use 'previous_update' or 'isotropic'."
+            )
+        self.scale = scale
         if decay not in ("linear", "exp", "constant"):
             raise ValueError(
                 f"ZOPrOSampler: unknown decay {decay!r}; use 'linear', 'exp' or 'constant'."
             )
         if not 0.0 <= initial_decay <= 1.0:
-            raise ValueError(f"ZOPrOSampler: initial_decay must lie in [0, 1], got {initial_decay}.")
+            raise ValueError(
+                f"ZOPrOSampler: initial_decay must lie in [0, 1], got {initial_decay}."
+            )
         if total_steps is not None and total_steps <= 0:
             raise ValueError(f"ZOPrOSampler: total_steps must be positive, got {total_steps}.")
         self.decay_schedule: DecaySchedule = decay
@@ -171,8 +190,10 @@ class ZOPrOSampler:
         Raises:
             ValueError: a reward tensor matches a policy tensor by name but not by shape.
         """
-        mu = {canonical_name(n): t.detach().float().flatten().clone()
-              for n, t in (policy_update or {}).items()}
+        mu = {
+            canonical_name(n): t.detach().float().flatten().clone()
+            for n, t in (policy_update or {}).items()
+        }
         v_hat: dict[str, Tensor] = {}
         for raw_name, tensor in (reward_update or {}).items():
             name = canonical_name(raw_name)
@@ -198,8 +219,8 @@ class ZOPrOSampler:
         mu = self._mu.get(key)
         if mu is not None and mu.numel() != xi.numel():
             raise ValueError(
-                f"ZOPrOSampler: stored policy update for {name!r} has {mu.numel()} elements but the "
-                f"parameter has {xi.numel()}; the directions belong to another model."
+                f"ZOPrOSampler: stored policy update for {name!r} has {mu.numel()} elements "
+                f"but the parameter has {xi.numel()}; the directions belong to another model."
             )
         mu_norm = mu.norm() if mu is not None else None
         if mu is None or not torch.isfinite(mu_norm) or mu_norm == 0:
@@ -212,6 +233,8 @@ class ZOPrOSampler:
         xi_tilde = xi * (mu_norm.to(xi.device) / (xi.norm() + 1e-8))
         d = self.decay
         z = d * mu + math.sqrt(max(0.0, 1.0 - d * d)) * xi_tilde
+        if self.scale == "isotropic":
+            z = z * (math.sqrt(z.numel()) / (z.norm() + 1e-12))
         return z.view_as(param).to(param.dtype)
 
     # -- schedule -----------------------------------------------------------------------------
@@ -250,5 +273,5 @@ class ZOPrOSampler:
     def __repr__(self) -> str:
         return (
             f"ZOPrOSampler(decay={self.decay_schedule!r}, d={self.decay:.4f}, "
-            f"total_steps={self.total_steps}, matched={self.matched_tensors})"
+            f"scale={self.scale!r}, total_steps={self.total_steps}, matched={self.matched_tensors})"
         )

@@ -29,7 +29,7 @@ class SFTCollator:
             completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
             ids = (prompt_ids + completion_ids + [self.tokenizer.eos_token_id])[: self.max_length]
             rows.append(ids)
-            labels.append(([-100] * len(prompt_ids) + ids[len(prompt_ids):])[: self.max_length])
+            labels.append(([-100] * len(prompt_ids) + ids[len(prompt_ids) :])[: self.max_length])
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         return {

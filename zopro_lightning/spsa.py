@@ -182,5 +182,7 @@ def spsa_step(
             if weight_decay and applies_weight_decay(name, param):
                 param.mul_(1.0 - lr * weight_decay)
             for j in range(num_perturbations):
-                param.add_(directions(j, name, param), alpha=-lr * float(grads[j]) / num_perturbations)
+                param.add_(
+                    directions(j, name, param), alpha=-lr * float(grads[j]) / num_perturbations
+                )
     return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)

@@ -15,7 +15,11 @@ class RolloutRecorder(Callback):
         self.records: list[tuple[str, str]] = []
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         rollout = getattr(pl_module, "last_rollout", None)

@@ -10,5 +10,11 @@ from .analysis import analyse
 from .snapshots import SnapshotWriter, load_peft_adapters, load_run
 from .trajectory import Trajectories, Trajectory
 
-__all__ = ["SnapshotWriter", "Trajectories", "Trajectory", "analyse", "load_peft_adapters",
-           "load_run"]
+__all__ = [
+    "SnapshotWriter",
+    "Trajectories",
+    "Trajectory",
+    "analyse",
+    "load_peft_adapters",
+    "load_run",
+]

@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial import procrustes
+from threadpoolctl import threadpool_limits
 
 from .trajectory import Trajectories, Trajectory, common_space
 
@@ -107,8 +108,12 @@ def _double_centre(a: np.ndarray) -> np.ndarray:
 
 def _u_centre(a: np.ndarray) -> np.ndarray:
     n = a.shape[0]
-    u = (a - a.sum(0, keepdims=True) / (n - 2) - a.sum(1, keepdims=True) / (n - 2)
-         + a.sum() / ((n - 1) * (n - 2)))
+    u = (
+        a
+        - a.sum(0, keepdims=True) / (n - 2)
+        - a.sum(1, keepdims=True) / (n - 2)
+        + a.sum() / ((n - 1) * (n - 2))
+    )
     np.fill_diagonal(u, 0.0)
     return u
 
@@ -157,9 +162,12 @@ def gram_coordinates(m: np.ndarray, k: int | None = None) -> tuple[np.ndarray, f
     """
     rows = m.shape[0]
     gram = np.zeros((rows, rows))
-    for start in range(0, m.shape[1], 1 << 16):
-        block = np.asarray(m[:, start:start + (1 << 16)], dtype=np.float64)
-        gram += block @ block.T
+    # One BLAS thread: multi-threaded OpenBLAS is ~100x slower on this short-and-wide
+    # product on small machines (0.9 s instead of 0.01 s for 80 x 50k on 2 cores).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start in range(0, m.shape[1], 1 << 16):
+            block = np.ascontiguousarray(m[:, start : start + (1 << 16)], dtype=np.float64)
+            gram += block @ block.T
     evals, evecs = np.linalg.eigh(gram)
     order = np.argsort(evals)[::-1]
     evals, evecs = np.maximum(evals[order], 0.0), evecs[:, order]
@@ -206,8 +214,9 @@ class PairedUpdates:
     note: str
 
 
-def pair_updates(policy: Trajectory, reward: Trajectory, offset: int = 0,
-                 pairing: str = "auto") -> PairedUpdates:
+def pair_updates(
+    policy: Trajectory, reward: Trajectory, offset: int = 0, pairing: str = "auto"
+) -> PairedUpdates:
     """Compute both models' updates and pair reward update t with policy update t+offset."""
     common = common_space(policy, reward)
     p_pts = common.policy if common else policy.points
@@ -233,16 +242,19 @@ def pair_updates(policy: Trajectory, reward: Trajectory, offset: int = 0,
     p_upd = np.diff(p_pts[pk], axis=0)[pi] if pi else np.zeros((0, p_pts.shape[1]))
     r_upd = np.diff(r_pts[rk], axis=0)[ri] if ri else np.zeros((0, r_pts.shape[1]))
     return PairedUpdates(
-        policy=p_upd, reward=r_upd,
-        space=common.kind if common else "aligned", pairing=kind, offset=offset,
-        policy_end=[pk[i + 1] for i in pi], reward_end=[rk[j + 1] for j in ri],
+        policy=p_upd,
+        reward=r_upd,
+        space=common.kind if common else "aligned",
+        pairing=kind,
+        offset=offset,
+        policy_end=[pk[i + 1] for i in pi],
+        reward_end=[rk[j + 1] for j in ri],
         note=common.note if common else "no shared coordinates: reward aligned by rotation",
     )
 
 
 # ----------------------------------------------------------------------------- analysis
-def reduce_pair(pairs: PairedUpdates, k: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def reduce_pair(pairs: PairedUpdates, k: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Both update sets in one k-dim frame (see the module docstring); returns (U, W, energy)."""
     n = pairs.policy.shape[0]
     if pairs.space != "aligned":
@@ -265,12 +277,13 @@ def _own_pca(x: np.ndarray, k: int) -> np.ndarray:
     """Centred PCA coordinates of the rows of x, zero-padded to exactly k columns."""
     coords, _ = gram_coordinates(x - x.mean(axis=0, keepdims=True, dtype=np.float64), k)
     out = np.zeros((x.shape[0], k))
-    out[:, :coords.shape[1]] = coords[:, :k]
+    out[:, : coords.shape[1]] = coords[:, :k]
     return out
 
 
-def procrustes_test(u: np.ndarray, w: np.ndarray, k: int = 3, n_permutations: int = 199,
-                    seed: int = 0) -> dict[str, Any]:
+def procrustes_test(
+    u: np.ndarray, w: np.ndarray, k: int = 3, n_permutations: int = 199, seed: int = 0
+) -> dict[str, Any]:
     """Procrustes disparity of two paired update sets in their own k-dim PCAs, with a baseline.
 
     Returns ``{"k", "disparity", "permutation_mean", "p_value", "n_permutations"}``; the
@@ -278,8 +291,13 @@ def procrustes_test(u: np.ndarray, w: np.ndarray, k: int = 3, n_permutations: in
     """
     n = u.shape[0]
     k = max(1, min(k, n - 1))
-    empty: dict[str, Any] = {"k": k, "disparity": None, "permutation_mean": None,
-                             "p_value": None, "n_permutations": 0}
+    empty: dict[str, Any] = {
+        "k": k,
+        "disparity": None,
+        "permutation_mean": None,
+        "p_value": None,
+        "n_permutations": 0,
+    }
     if n < 3:
         return empty
     a, b = _own_pca(u, k), _own_pca(w, k)
@@ -289,22 +307,30 @@ def procrustes_test(u: np.ndarray, w: np.ndarray, k: int = 3, n_permutations: in
         return empty
     rng = np.random.default_rng(seed)
     null = np.array([procrustes(a, b[rng.permutation(n)])[2] for _ in range(n_permutations)])
-    return {"k": k, "disparity": _json(observed),
-            "permutation_mean": _json(float(null.mean())) if null.size else None,
-            "p_value": _json((1 + np.sum(null <= observed)) / (1 + null.size)),
-            "n_permutations": n_permutations}
+    return {
+        "k": k,
+        "disparity": _json(observed),
+        "permutation_mean": _json(float(null.mean())) if null.size else None,
+        "p_value": _json((1 + np.sum(null <= observed)) / (1 + null.size)),
+        "n_permutations": n_permutations,
+    }
 
 
-def dcor_test(u: np.ndarray, w: np.ndarray, n_permutations: int = 199,
-              seed: int = 0) -> tuple[float, float]:
+def dcor_test(
+    u: np.ndarray, w: np.ndarray, n_permutations: int = 199, seed: int = 0
+) -> tuple[float, float]:
     """Bias-corrected dCor^2 of paired rows and its permutation p-value (nan if undefined)."""
     observed = distance_correlation(u, w, unbiased=True)
     if not math.isfinite(observed) or n_permutations < 1:
         return observed, math.nan
     rng = np.random.default_rng(seed)
     n = u.shape[0]
-    null = np.array([distance_correlation(u, w[rng.permutation(n)], unbiased=True)
-                     for _ in range(n_permutations)])
+    null = np.array(
+        [
+            distance_correlation(u, w[rng.permutation(n)], unbiased=True)
+            for _ in range(n_permutations)
+        ]
+    )
     return observed, (1 + np.sum(null >= observed)) / (1 + n_permutations)
 
 
@@ -320,28 +346,40 @@ def coordinate_pearson(u: np.ndarray, w: np.ndarray, bins: int = 20) -> dict[str
     used = 0
     if n >= 3:
         for start in range(0, d, 1 << 16):
-            a = np.asarray(u[:, start:start + (1 << 16)], np.float64)
-            b = np.asarray(w[:, start:start + (1 << 16)], np.float64)
+            a = np.asarray(u[:, start : start + (1 << 16)], np.float64)
+            b = np.asarray(w[:, start : start + (1 << 16)], np.float64)
             a, b = a - a.mean(axis=0), b - b.mean(axis=0)
             uw, uu, ww = (a * b).sum(0), (a * a).sum(0), (b * b).sum(0)
-            pooled_uw, pooled_uu, pooled_ww = (pooled_uw + uw.sum(), pooled_uu + uu.sum(),
-                                               pooled_ww + ww.sum())
+            pooled_uw, pooled_uu, pooled_ww = (
+                pooled_uw + uw.sum(),
+                pooled_uu + uu.sum(),
+                pooled_ww + ww.sum(),
+            )
             ok = (uu > _TINY) & (ww > _TINY)
             r = np.clip(uw[ok] / np.sqrt(uu[ok] * ww[ok]), -1.0, 1.0)
             weight = uu[ok] + ww[ok]
             num, den, used = num + float(r @ weight), den + float(weight.sum()), used + r.size
             counts += np.histogram(r, bins=edges)[0]
     pooled_den = math.sqrt(pooled_uu * pooled_ww)
-    return {"weighted_mean": _json(num / den) if den > 0 else None,
-            "pooled": _json(pooled_uw / pooled_den) if pooled_den > _TINY else None,
-            "n_coordinates": used,
-            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+    return {
+        "weighted_mean": _json(num / den) if den > 0 else None,
+        "pooled": _json(pooled_uw / pooled_den) if pooled_den > _TINY else None,
+        "n_coordinates": used,
+        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+    }
 
 
-def analyse(trajectories: Trajectories | Mapping[str, np.ndarray], offset: int = 0, *,
-            k: int | None = None, window: int | None = None, pairing: str = "auto",
-            procrustes_k: int = 3, n_permutations: int = 199, seed: int = 0
-            ) -> dict[str, Any]:
+def analyse(
+    trajectories: Trajectories | Mapping[str, np.ndarray],
+    offset: int = 0,
+    *,
+    k: int | None = None,
+    window: int | None = None,
+    pairing: str = "auto",
+    procrustes_k: int = 3,
+    n_permutations: int = 199,
+    seed: int = 0,
+) -> dict[str, Any]:
     """All interplay metrics of a run as a JSON-serialisable dict (see the module docstring).
 
     ``trajectories`` needs a ``"policy"`` and a ``"reward"`` trajectory (bare ``[n, D]``
@@ -353,8 +391,10 @@ def analyse(trajectories: Trajectories | Mapping[str, np.ndarray], offset: int =
     if not isinstance(trajectories, Trajectories):
         trajectories = Trajectories.from_arrays(**trajectories)
     if trajectories.policy is None or trajectories.reward is None:
-        raise ValueError("the interplay analysis needs both policy and reward snapshots; "
-                         f"found only {sorted(trajectories.models)}")
+        raise ValueError(
+            "the interplay analysis needs both policy and reward snapshots; "
+            f"found only {sorted(trajectories.models)}"
+        )
     if window is not None and window < 4:
         raise ValueError(f"window must be >= 4 pairs (or None for cumulative), got {window}")
     pol, rew = trajectories.policy, trajectories.reward
@@ -362,11 +402,21 @@ def analyse(trajectories: Trajectories | Mapping[str, np.ndarray], offset: int =
     n = pairs.policy.shape[0]
     notes = [pairs.note]
     out: dict[str, Any] = {
-        "offset": offset, "pairing": pairs.pairing, "space": pairs.space, "n_pairs": n,
-        "policy_dim": pol.dim, "reward_dim": rew.dim,
-        "pairs": [{"policy_step": int(pol.steps[i]), "policy_iteration": int(pol.iterations[i]),
-                   "reward_step": int(rew.steps[j]), "reward_iteration": int(rew.iterations[j])}
-                  for i, j in zip(pairs.policy_end, pairs.reward_end, strict=True)],
+        "offset": offset,
+        "pairing": pairs.pairing,
+        "space": pairs.space,
+        "n_pairs": n,
+        "policy_dim": pol.dim,
+        "reward_dim": rew.dim,
+        "pairs": [
+            {
+                "policy_step": int(pol.steps[i]),
+                "policy_iteration": int(pol.iterations[i]),
+                "reward_step": int(rew.steps[j]),
+                "reward_iteration": int(rew.iterations[j]),
+            }
+            for i, j in zip(pairs.policy_end, pairs.reward_end, strict=True)
+        ],
     }
     if n == 0:
         notes.append(f"no update pairs with offset {offset}: too few snapshots")
@@ -380,23 +430,31 @@ def analyse(trajectories: Trajectories | Mapping[str, np.ndarray], offset: int =
     out["procrustes"] = proc
     out["angle_updates_deg"] = [_json(angle_deg(a, b)) for a, b in zip(u, w, strict=True)]
     out["angle_velocities_deg"] = [None] + [
-        _json(angle_deg(u[i] - u[i - 1], w[i] - w[i - 1])) for i in range(1, n)]
+        _json(angle_deg(u[i] - u[i - 1], w[i] - w[i - 1])) for i in range(1, n)
+    ]
     starts = [0 if window is None else max(0, i - window + 1) for i in range(n)]
-    per_step = [_json(distance_correlation(u[s:i + 1], w[s:i + 1], unbiased=True))
-                for i, s in enumerate(starts)]
+    per_step = [
+        _json(distance_correlation(u[s : i + 1], w[s : i + 1], unbiased=True))
+        for i, s in enumerate(starts)
+    ]
     overall, p_value = dcor_test(u, w, n_permutations, seed)
     out["distance_correlation"] = {
-        "estimator": "bias-corrected dCor^2 (U-centred)", "window": window,
-        "per_step": per_step, "overall": _json(overall), "p_value": _json(p_value),
+        "estimator": "bias-corrected dCor^2 (U-centred)",
+        "window": window,
+        "per_step": per_step,
+        "overall": _json(overall),
+        "p_value": _json(p_value),
         "overall_v_statistic": _json(distance_correlation(u, w)),
     }
     norms_u = np.linalg.norm(pairs.policy.astype(np.float64), axis=1)
     norms_w = np.linalg.norm(pairs.reward.astype(np.float64), axis=1)
     shared = pairs.space != "aligned"
     coords = coordinate_pearson(pairs.policy if shared else u, pairs.reward if shared else w)
-    out["pearson"] = {"update_norms": _json(pearson(norms_u, norms_w)),
-                      "coordinates": "common space" if shared else "aligned reduced",
-                      "per_coordinate": coords}
+    out["pearson"] = {
+        "update_norms": _json(pearson(norms_u, norms_w)),
+        "coordinates": "common space" if shared else "aligned reduced",
+        "per_coordinate": coords,
+    }
     out["update_norms"] = {"policy": norms_u.tolist(), "reward": norms_w.tolist()}
     out["notes"] = notes
     return out

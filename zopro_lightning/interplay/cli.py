@@ -24,24 +24,52 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zopro-viz",
         description="Policy-reward interplay analysis of a ZOPrO run: trajectory plots "
-                    "(PCA, t-SNE, UMAP in 2-D and 3-D) and update metrics.")
+        "(PCA, t-SNE, UMAP in 2-D and 3-D) and update metrics.",
+    )
     p.add_argument("run_dir", type=Path, help="run directory holding interplay/index.json")
-    p.add_argument("--offset", type=int, default=0,
-                   help="pair reward update t with policy update t+OFFSET (1: the reward "
-                        "refinement's effect on the next policy learning); default 0")
-    p.add_argument("--methods", default="pca,tsne,umap",
-                   help="comma-separated projection methods out of pca,tsne,umap")
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="pair reward update t with policy update t+OFFSET (1: the reward "
+        "refinement's effect on the next policy learning); default 0",
+    )
+    p.add_argument(
+        "--methods",
+        default="pca,tsne,umap",
+        help="comma-separated projection methods out of pca,tsne,umap",
+    )
     p.add_argument("--dims", default="2,3", help="embedding dimensions, out of 2,3")
-    p.add_argument("--mode", choices=("auto", "joint", "separate"), default="auto",
-                   help="embed both models on shared axes (joint) or each alone")
-    p.add_argument("--pairing", choices=("auto", "iteration", "index"), default="auto",
-                   help="updates per iteration or per snapshot (see analysis docs)")
-    p.add_argument("--k", type=int, default=None,
-                   help="cap on the reduced dimension of the updates (default: exact)")
-    p.add_argument("--window", type=int, default=None,
-                   help="update pairs per distance-correlation window (default: cumulative)")
-    p.add_argument("--extrapolate", type=int, default=0,
-                   help="extend each embedded trajectory by N linearly extrapolated points")
+    p.add_argument(
+        "--mode",
+        choices=("auto", "joint", "separate"),
+        default="auto",
+        help="embed both models on shared axes (joint) or each alone",
+    )
+    p.add_argument(
+        "--pairing",
+        choices=("auto", "iteration", "index"),
+        default="auto",
+        help="updates per iteration or per snapshot (see analysis docs)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="cap on the reduced dimension of the updates (default: exact)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="update pairs per distance-correlation window (default: cumulative)",
+    )
+    p.add_argument(
+        "--extrapolate",
+        type=int,
+        default=0,
+        help="extend each embedded trajectory by N linearly extrapolated points",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and UMAP")
     p.add_argument("--no-html", action="store_true", help="skip the interactive HTML report")
     return p
@@ -51,8 +79,9 @@ def _csv(text: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [s.strip().lower() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
     if bad or not items:
-        raise ValueError(f"{what} must be a comma-separated list out of {','.join(allowed)}; "
-                         f"got {text!r}")
+        raise ValueError(
+            f"{what} must be a comma-separated list out of {','.join(allowed)}; got {text!r}"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -66,10 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zopro-viz: {err}", file=sys.stderr)
         return 2
     if not (args.run_dir / "interplay" / "index.json").exists():
-        print(f"zopro-viz: {args.run_dir} has no interplay snapshots (expected "
-              f"{args.run_dir / 'interplay' / 'index.json'}). Enable the interplay snapshot "
-              "callback when training, or pass the run directory that contains 'interplay/'.",
-              file=sys.stderr)
+        print(
+            f"zopro-viz: {args.run_dir} has no interplay snapshots (expected "
+            f"{args.run_dir / 'interplay' / 'index.json'}). Enable the interplay snapshot "
+            "callback when training, or pass the run directory that contains 'interplay/'.",
+            file=sys.stderr,
+        )
         return 2
 
     # Imported here so that `zopro-viz --help` and the error paths stay fast.
@@ -81,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     trajectories = load_run(args.run_dir)
     try:
-        result = analyse(trajectories, offset=args.offset, k=args.k, window=args.window,
-                         pairing=args.pairing)
+        result = analyse(
+            trajectories, offset=args.offset, k=args.k, window=args.window, pairing=args.pairing
+        )
     except ValueError as err:  # e.g. only one model was snapshotted
         result = {"error": str(err)}
     projections, notes = [], []
@@ -90,16 +122,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("ignore", UserWarning)  # fallbacks are recorded as notes
         for method in methods:
             for d in dims:
-                proj = project(trajectories, method, d, mode=args.mode,
-                               extrapolate=args.extrapolate, seed=args.seed)
+                proj = project(
+                    trajectories,
+                    method,
+                    d,
+                    mode=args.mode,
+                    extrapolate=args.extrapolate,
+                    seed=args.seed,
+                )
                 projections.append(proj)
                 notes += [f"{method} {d}-D: {note}" for note in proj.notes]
     out_dir = args.run_dir / "plots"
-    written = render(trajectories, projections, result if "error" not in result else None,
-                     out_dir, html_report=not args.no_html)
+    written = render(
+        trajectories,
+        projections,
+        result if "error" not in result else None,
+        out_dir,
+        html_report=not args.no_html,
+    )
     payload = result | {
-        "snapshots": {t.model: {"n": t.n, "dim": t.dim, "projected": t.projection is not None}
-                      for t in trajectories},
+        "snapshots": {
+            t.model: {"n": t.n, "dim": t.dim, "projected": t.projection is not None}
+            for t in trajectories
+        },
         "projection_notes": list(dict.fromkeys(notes)),
     }
     json_path = out_dir / "interplay.json"
@@ -108,23 +153,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"zopro-viz: {args.run_dir}")
     for t in trajectories:
-        print(f"  {t.model:7s} {t.n:4d} snapshots x {t.dim} dims"
-              + (" (count-sketched)" if t.projection else ""))
+        print(
+            f"  {t.model:7s} {t.n:4d} snapshots x {t.dim} dims"
+            + (" (count-sketched)" if t.projection else "")
+        )
     if "error" in result:
         print(f"  metrics skipped: {result['error']}")
     else:
+
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.4f}"
 
         angles = [a for a in result.get("angle_updates_deg", []) if a is not None]
-        print(f"  {result['n_pairs']} update pairs (pairing {result['pairing']}, offset "
-              f"{result['offset']}, {result['space']} space, k={result['k']})")
+        print(
+            f"  {result['n_pairs']} update pairs (pairing {result['pairing']}, offset "
+            f"{result['offset']}, {result['space']} space, k={result['k']})"
+        )
         if result["n_pairs"]:
             proc, dc = result["procrustes"], result["distance_correlation"]
-            print(f"  Procrustes disparity {fmt(proc['disparity'])} (chance "
-                  f"{fmt(proc['permutation_mean'])}, p {fmt(proc['p_value'])}); "
-                  f"distance correlation {fmt(dc['overall'])} (p {fmt(dc['p_value'])}); "
-                  f"Pearson r of update norms {fmt(result['pearson']['update_norms'])}")
+            print(
+                f"  Procrustes disparity {fmt(proc['disparity'])} (chance "
+                f"{fmt(proc['permutation_mean'])}, p {fmt(proc['p_value'])}); "
+                f"distance correlation {fmt(dc['overall'])} (p {fmt(dc['p_value'])}); "
+                f"Pearson r of update norms {fmt(result['pearson']['update_norms'])}"
+            )
             if angles:
                 print(f"  angle between updates: mean {sum(angles) / len(angles):.1f} deg")
     print(f"  wrote {len(written)} files to {out_dir} in {time.perf_counter() - started:.1f} s")

@@ -66,19 +66,25 @@ def _pca(points: np.ndarray, dims: int) -> tuple[np.ndarray, tuple[str, ...]]:
         return np.zeros((0, dims)), tuple(f"PC{j + 1}" for j in range(dims))
     centred = points - points.mean(axis=0, keepdims=True, dtype=np.float64)
     coords, _ = gram_coordinates(centred, None)
-    var = np.sum(coords ** 2, axis=0)
+    var = np.sum(coords**2, axis=0)
     total = float(var.sum())
     out = np.zeros((n, dims))
     r = min(dims, coords.shape[1])
     out[:, :r] = coords[:, :r]
     labels = tuple(
         f"PC{j + 1} ({100 * var[j] / total:.0f} % var.)" if j < r and total > 0 else f"PC{j + 1}"
-        for j in range(dims))
+        for j in range(dims)
+    )
     return out, labels
 
 
-def embed(points: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0,
-          notes: list[str] | None = None) -> tuple[np.ndarray, tuple[str, ...], str]:
+def embed(
+    points: np.ndarray,
+    method: str = "pca",
+    dims: int = 2,
+    seed: int = 0,
+    notes: list[str] | None = None,
+) -> tuple[np.ndarray, tuple[str, ...], str]:
     """Embed ``[n, D]`` points in ``dims`` dims; returns (coords, axis labels, method used)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -95,22 +101,33 @@ def embed(points: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0,
     if method == "pca":
         coords, labels = _pca(points, dims)
         return coords, labels, "pca"
-    reduced, _ = gram_coordinates(points - points.mean(axis=0, keepdims=True,
-                                                       dtype=np.float64), None)
+    reduced, _ = gram_coordinates(
+        points - points.mean(axis=0, keepdims=True, dtype=np.float64), None
+    )
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        tsne = TSNE(n_components=dims, perplexity=min(30.0, (n - 1) / 3.0), init="pca",
-                    learning_rate="auto", random_state=seed,
-                    method="exact" if n <= 500 else "barnes_hut")
+        tsne = TSNE(
+            n_components=dims,
+            perplexity=min(30.0, (n - 1) / 3.0),
+            init="pca",
+            learning_rate="auto",
+            random_state=seed,
+            method="exact" if n <= 500 else "barnes_hut",
+        )
         return tsne.fit_transform(reduced), tuple(f"t-SNE {j + 1}" for j in range(dims)), method
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import umap
 
-            model = umap.UMAP(n_components=dims, n_neighbors=max(2, min(15, n - 1)),
-                              init="pca", random_state=seed, min_dist=0.1)
+            model = umap.UMAP(
+                n_components=dims,
+                n_neighbors=max(2, min(15, n - 1)),
+                init="pca",
+                random_state=seed,
+                min_dist=0.1,
+            )
             coords = model.fit_transform(reduced)
     except Exception as err:  # any UMAP failure on odd inputs: fall back to PCA
         _fallback(notes, f"UMAP failed ({type(err).__name__}: {err}): PCA used instead")
@@ -131,14 +148,22 @@ def extrapolate_linear(coords: np.ndarray, steps: int, fit_last: int = 3) -> np.
     m = max(2, min(fit_last, n))
     t = np.arange(n - m, n, dtype=np.float64)
     design = np.stack([np.ones(m), t], axis=1)
-    coef, *_ = np.linalg.lstsq(design, coords[n - m:], rcond=None)
+    coef, *_ = np.linalg.lstsq(design, coords[n - m :], rcond=None)
     future = np.arange(n, n + steps, dtype=np.float64)
     return np.stack([np.ones(steps), future], axis=1) @ coef
 
 
-def project(trajectories: Trajectories, method: str = "pca", dims: int = 2, *,
-            mode: str = "auto", normalise: bool = True, extrapolate: int = 0,
-            fit_last: int = 3, seed: int = 0) -> Projection:
+def project(
+    trajectories: Trajectories,
+    method: str = "pca",
+    dims: int = 2,
+    *,
+    mode: str = "auto",
+    normalise: bool = True,
+    extrapolate: int = 0,
+    fit_last: int = 3,
+    seed: int = 0,
+) -> Projection:
     """Embed the policy and reward trajectories (see the module docstring for the options)."""
     if mode not in ("auto", "joint", "separate"):
         raise ValueError(f"mode must be 'auto', 'joint' or 'separate', got {mode!r}")
@@ -146,8 +171,11 @@ def project(trajectories: Trajectories, method: str = "pca", dims: int = 2, *,
     pol, rew = trajectories.policy, trajectories.reward
     common = common_space(pol, rew) if pol is not None and rew is not None else None
     if mode == "joint" and common is None:
-        _fallback(notes, "no coordinates shared by policy and reward (or one is missing): "
-                         "separate embeddings instead of a joint one")
+        _fallback(
+            notes,
+            "no coordinates shared by policy and reward (or one is missing): "
+            "separate embeddings instead of a joint one",
+        )
     joint = common is not None and mode in ("auto", "joint")
     coords: dict[str, np.ndarray] = {}
     labels: dict[str, tuple[str, ...]] = {}
@@ -157,23 +185,36 @@ def project(trajectories: Trajectories, method: str = "pca", dims: int = 2, *,
         parts = []
         for pts in (common.policy, common.reward):
             disp = pts.astype(np.float64) - pts[:1].astype(np.float64)
-            rms = float(np.sqrt(np.mean(np.sum(disp ** 2, axis=1))))
+            rms = float(np.sqrt(np.mean(np.sum(disp**2, axis=1))))
             parts.append(disp / rms if normalise and rms > 0 else disp)
         both, axis, how = embed(np.concatenate(parts), method, dims, seed, notes)
         used.append(how)
         n_p = parts[0].shape[0]
         coords = {"policy": both[:n_p], "reward": both[n_p:]}
         labels = {"policy": axis, "reward": axis}
-        notes.append(f"joint embedding in {common.kind} coordinates ({common.note}); "
-                     "displacements from the first snapshot"
-                     + (", each scaled to unit RMS" if normalise else ""))
+        notes.append(
+            f"joint embedding in {common.kind} coordinates ({common.note}); "
+            "displacements from the first snapshot"
+            + (", each scaled to unit RMS" if normalise else "")
+        )
     else:
         for traj in trajectories:
             coords[traj.model], labels[traj.model], how = embed(
-                traj.points, method, dims, seed, notes)
+                traj.points, method, dims, seed, notes
+            )
             used.append(how)
-    extra = {m: extrapolate_linear(c, extrapolate, fit_last) for m, c in coords.items()} \
-        if extrapolate > 0 else {}
-    return Projection(method="+".join(sorted(set(used))), requested=method, dims=dims,
-                      mode="joint" if joint else "separate", coords=coords,
-                      axis_labels=labels, extrapolated=extra, notes=notes)
+    extra = (
+        {m: extrapolate_linear(c, extrapolate, fit_last) for m, c in coords.items()}
+        if extrapolate > 0
+        else {}
+    )
+    return Projection(
+        method="+".join(sorted(set(used))),
+        requested=method,
+        dims=dims,
+        mode="joint" if joint else "separate",
+        coords=coords,
+        axis_labels=labels,
+        extrapolated=extra,
+        notes=notes,
+    )

@@ -61,8 +61,9 @@ def sketch_tensor(values: np.ndarray, name: str, dim: int, seed: int) -> np.ndar
             h = _splitmix64(np.arange(start, stop, dtype=np.uint64) + key)
             bucket = (h % np.uint64(dim)).astype(np.int64)
             sign = np.where(h >> np.uint64(63), -1.0, 1.0)
-            out += np.bincount(bucket, weights=sign * flat[start:stop].astype(np.float64),
-                                minlength=dim)
+            out += np.bincount(
+                bucket, weights=sign * flat[start:stop].astype(np.float64), minlength=dim
+            )
     return out
 
 

@@ -76,8 +76,9 @@ class SnapshotWriter:
     runs keep one trajectory). ``max_numel=None`` never projects.
     """
 
-    def __init__(self, root: Path | str, max_numel: int | None = 2_000_000,
-                 projection_seed: int = 0) -> None:
+    def __init__(
+        self, root: Path | str, max_numel: int | None = 2_000_000, projection_seed: int = 0
+    ) -> None:
         if max_numel is not None and max_numel < 1:
             raise ValueError(f"max_numel must be >= 1 or None, got {max_numel}")
         self.root = Path(root)
@@ -85,8 +86,9 @@ class SnapshotWriter:
         self.max_numel = max_numel
         self.projection_seed = int(projection_seed)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.records: list[dict[str, Any]] = _read_index(self.directory) \
-            if (self.directory / INDEX).exists() else []
+        self.records: list[dict[str, Any]] = (
+            _read_index(self.directory) if (self.directory / INDEX).exists() else []
+        )
         self._next_seq = {m: 0 for m in MODELS}
         for rec in self.records:
             match = _FILE_RE.match(rec["file"])
@@ -94,8 +96,16 @@ class SnapshotWriter:
                 model, seq = match.group(1), int(match.group(2))
                 self._next_seq[model] = max(self._next_seq[model], seq + 1)
 
-    def save(self, model: str, tensors: Mapping[str, Any], *, step: int, iteration: int,
-             phase: str, fraction: float) -> Path:
+    def save(
+        self,
+        model: str,
+        tensors: Mapping[str, Any],
+        *,
+        step: int,
+        iteration: int,
+        phase: str,
+        fraction: float,
+    ) -> Path:
         """Write one snapshot of ``model`` and append it to the index; returns the file path.
 
         ``tensors`` maps canonical parameter names to tensors (torch or numpy, any float
@@ -114,19 +124,28 @@ class SnapshotWriter:
         numel = sum(a.size for a in arrays.values())
         metadata = {"model": model, "source_numel": str(numel)}
         if self.max_numel is not None and numel > self.max_numel:
-            payload = {PROJECTION_KEY: count_sketch(arrays, self.max_numel,
-                                                    self.projection_seed)}
-            metadata |= {"projection": SKETCH_KIND, "seed": str(self.projection_seed),
-                         "dim": str(self.max_numel)}
+            payload = {PROJECTION_KEY: count_sketch(arrays, self.max_numel, self.projection_seed)}
+            metadata |= {
+                "projection": SKETCH_KIND,
+                "seed": str(self.projection_seed),
+                "dim": str(self.max_numel),
+            }
         else:
             payload = arrays
         seq = self._next_seq[model]
         path = self.directory / f"{model}_{seq:05d}.safetensors"
         _atomic_write(path, lambda tmp: save_file(payload, str(tmp), metadata=metadata))
         self._next_seq[model] = seq + 1
-        self.records.append({"file": path.name, "model": model, "step": int(step),
-                             "iteration": int(iteration), "phase": str(phase),
-                             "fraction": float(fraction)})
+        self.records.append(
+            {
+                "file": path.name,
+                "model": model,
+                "step": int(step),
+                "iteration": int(iteration),
+                "phase": str(phase),
+                "fraction": float(fraction),
+            }
+        )
         text = json.dumps(self.records, indent=1)
         _atomic_write(self.directory / INDEX, lambda tmp: tmp.write_text(text))
         return path
@@ -148,8 +167,9 @@ def _read_index(directory: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_snapshot(path: Path) -> tuple[np.ndarray, list[str], list[tuple[int, ...]],
-                                        dict[str, str]]:
+def _read_snapshot(
+    path: Path,
+) -> tuple[np.ndarray, list[str], list[tuple[int, ...]], dict[str, str]]:
     """One snapshot as (flat float32 vector, names, shapes, metadata)."""
     with safe_open(str(path), framework="numpy") as fh:
         metadata = dict(fh.metadata() or {})
@@ -157,8 +177,11 @@ def _read_snapshot(path: Path) -> tuple[np.ndarray, list[str], list[tuple[int, .
         if PROJECTION_KEY in names:
             return fh.get_tensor(PROJECTION_KEY).astype(np.float32).ravel(), [], [], metadata
         arrays = [fh.get_tensor(n) for n in names]
-    vector = np.concatenate([a.astype(np.float32).ravel() for a in arrays]) \
-        if arrays else np.zeros(0, np.float32)
+    vector = (
+        np.concatenate([a.astype(np.float32).ravel() for a in arrays])
+        if arrays
+        else np.zeros(0, np.float32)
+    )
     return vector, names, [tuple(a.shape) for a in arrays], metadata
 
 
@@ -174,7 +197,8 @@ def load_run(run_dir: Path | str) -> Trajectories:
         raise FileNotFoundError(
             f"no interplay snapshots: {directory / INDEX} does not exist. Train with the "
             "interplay snapshot callback enabled, or pass the run directory that holds "
-            f"'{SUBDIR}/'.")
+            f"'{SUBDIR}/'."
+        )
     records = _read_index(directory)
     models: dict[str, Trajectory] = {}
     for model in MODELS:
@@ -185,22 +209,34 @@ def load_run(run_dir: Path | str) -> Trajectories:
         for rec in recs:
             path = directory / rec["file"]
             if not path.exists():
-                raise FileNotFoundError(f"{directory / INDEX} names {rec['file']}, "
-                                        "which is missing")
+                raise FileNotFoundError(
+                    f"{directory / INDEX} names {rec['file']}, which is missing"
+                )
             vector, names, shapes, meta = _read_snapshot(path)
-            this_proj = {k: meta.get(k) for k in ("projection", "seed", "dim")} \
-                if "projection" in meta else None
+            this_proj = (
+                {k: meta.get(k) for k in ("projection", "seed", "dim")}
+                if "projection" in meta
+                else None
+            )
             if layout is None:
                 layout, projection = (names, shapes), this_proj
             elif (names, shapes) != layout or this_proj != projection:
-                raise ValueError(f"{path}: tensors or projection differ from the first "
-                                 f"{model} snapshot ({recs[0]['file']}); a trajectory "
-                                 "needs the same trainable set throughout")
+                raise ValueError(
+                    f"{path}: tensors or projection differ from the first "
+                    f"{model} snapshot ({recs[0]['file']}); a trajectory "
+                    "needs the same trainable set throughout"
+                )
             rows.append(vector)
         assert layout is not None
-        proj = None if projection is None else {
-            "kind": projection["projection"], "seed": int(projection["seed"] or 0),
-            "dim": int(projection["dim"] or 0)}
+        proj = (
+            None
+            if projection is None
+            else {
+                "kind": projection["projection"],
+                "seed": int(projection["seed"] or 0),
+                "dim": int(projection["dim"] or 0),
+            }
+        )
         models[model] = Trajectory(
             model=model,
             points=np.stack(rows).astype(np.float32, copy=False),

@@ -22,7 +22,7 @@ or another base). :func:`common_space` finds coordinates they share:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
@@ -49,8 +49,12 @@ class Trajectory:
         n = self.points.shape[0]
         if self.points.ndim != 2:
             raise ValueError(f"{self.model}: points must be [n, D], got {self.points.shape}")
-        for label, meta in (("steps", self.steps), ("iterations", self.iterations),
-                            ("phases", self.phases), ("fractions", self.fractions)):
+        for label, meta in (
+            ("steps", self.steps),
+            ("iterations", self.iterations),
+            ("phases", self.phases),
+            ("fractions", self.fractions),
+        ):
             if len(meta) != n:
                 raise ValueError(f"{self.model}: {len(meta)} {label} for {n} snapshots")
 
@@ -75,9 +79,15 @@ class Trajectory:
         )
 
     @classmethod
-    def from_array(cls, model: str, points: np.ndarray, *, steps: Sequence[int] | None = None,
-                   iterations: Sequence[int] | None = None,
-                   phases: Sequence[str] | None = None) -> Trajectory:
+    def from_array(
+        cls,
+        model: str,
+        points: np.ndarray,
+        *,
+        steps: Sequence[int] | None = None,
+        iterations: Sequence[int] | None = None,
+        phases: Sequence[str] | None = None,
+    ) -> Trajectory:
         """A trajectory from a bare ``[n, D]`` array (metadata: 0..n-1, phase ``"-"``)."""
         pts = np.asarray(points, dtype=np.float32)
         if pts.ndim != 2:
@@ -87,8 +97,7 @@ class Trajectory:
             model=model,
             points=pts,
             steps=np.asarray(range(n) if steps is None else steps, dtype=np.int64),
-            iterations=np.asarray(range(n) if iterations is None else iterations,
-                                  dtype=np.int64),
+            iterations=np.asarray(range(n) if iterations is None else iterations, dtype=np.int64),
             phases=tuple(["-"] * n if phases is None else phases),
             fractions=np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n),
         )
@@ -100,7 +109,6 @@ class Trajectories:
 
     models: Mapping[str, Trajectory]
     run_dir: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_arrays(cls, **arrays: np.ndarray) -> Trajectories:
@@ -140,23 +148,35 @@ def common_space(policy: Trajectory, reward: Trajectory) -> CommonSpace | None:
     if policy.projection is None and reward.projection is None:
         if policy.names and reward.names:
             rshape = dict(zip(reward.names, reward.shapes, strict=True))
-            shared = [n for n, s in zip(policy.names, policy.shapes, strict=True)
-                      if rshape.get(n) == s]
+            shared = [
+                n for n, s in zip(policy.names, policy.shapes, strict=True) if rshape.get(n) == s
+            ]
             if shared:
                 pc, rc = policy.columns(shared), reward.columns(shared)
-                note = (f"{len(shared)} tensors ({pc.size} values) shared by name and shape; "
-                        f"policy has {len(policy.names)}, reward {len(reward.names)}")
-                return CommonSpace("shared-parameters", policy.points[:, pc],
-                                   reward.points[:, rc], note)
+                note = (
+                    f"{len(shared)} tensors ({pc.size} values) shared by name and shape; "
+                    f"policy has {len(policy.names)}, reward {len(reward.names)}"
+                )
+                return CommonSpace(
+                    "shared-parameters", policy.points[:, pc], reward.points[:, rc], note
+                )
             return None
         if not policy.names and not reward.names and policy.dim == reward.dim:
             # Bare arrays of equal width (tests, notebooks): taken as the same coordinates.
-            return CommonSpace("shared-parameters", policy.points, reward.points,
-                               "unnamed arrays of equal width taken as the same coordinates")
+            return CommonSpace(
+                "shared-parameters",
+                policy.points,
+                reward.points,
+                "unnamed arrays of equal width taken as the same coordinates",
+            )
         return None
     if policy.projection is not None and reward.projection is not None:
         keys = ("kind", "seed", "dim")
         if all(policy.projection.get(k) == reward.projection.get(k) for k in keys):
-            return CommonSpace("shared-sketch", policy.points, reward.points,
-                               f"both count-sketched to {policy.dim} dims with the same seed")
+            return CommonSpace(
+                "shared-sketch",
+                policy.points,
+                reward.points,
+                f"both count-sketched to {policy.dim} dims with the same seed",
+            )
     return None

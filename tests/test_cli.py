@@ -1,0 +1,95 @@
+"""End-to-end: the `zopro-train` command a user runs, with small overrides."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL = [
+    "dataset.task.n_train_prompts=16",
+    "dataset.task.n_eval_prompts=4",
+    "dataset.task.n_sft=32",
+    "dataset.task.n_train_pairs=16",
+    "dataset.task.n_eval_pairs=8",
+    "sft.epochs=1",
+    "reward_model.epochs=1",
+    "loop.iterations=2",
+    "loop.steps_per_iteration=2",
+    "loop.batch_size=2",
+    "eval.samples_per_prompt=1",
+    "policy.k=2",
+    "policy.max_new_tokens=6",
+    "model.tiny.hidden_size=16",
+    "model.tiny.intermediate_size=32",
+    "model.tiny.num_heads=2",
+]
+
+
+def zopro_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "zopro_lightning.cli",
+        f"hydra.run.dir={run_dir}",
+        *SMALL,
+        *overrides,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_zopro_train_writes_the_run_directory(tmp_path):
+    result = zopro_train(tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in (
+        "task",
+        "sampler",
+        "optimizer",
+        "policy_steps",
+        "gold_reward_initial",
+        "gold_reward_final",
+        "gold_reward_after_first_order",
+        "reward_model_accuracy",
+        "kl_final",
+        "wall_seconds",
+        "peak_memory_mb",
+    ):
+        assert key in summary, key
+    assert summary["policy_steps"] == 4
+    assert summary["task"] == "sentiment" and summary["sampler"] == "zopro"
+    assert (run / ".hydra" / "config.yaml").exists()
+    with open(run / "metrics.csv") as handle:
+        columns = next(csv.reader(handle))
+    assert "policy/reward_mean" in columns and "sft/loss" in columns
+    for iteration in (0, 1):
+        assert (
+            run / "adapters" / f"iteration_{iteration}" / "policy" / "adapter_model.safetensors"
+        ).exists()
+        assert (
+            run
+            / "adapters"
+            / f"iteration_{iteration}"
+            / "reward_model"
+            / "adapter_model.safetensors"
+        ).exists()
+    assert "gold_reward_final" in result.stdout  # the printed summary
+
+
+@pytest.mark.slow
+def test_fully_zeroth_order_experiment(tmp_path):
+    result = zopro_train(tmp_path / "run", "experiment=fully_zeroth_order", "sampler=gaussian")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["optimizer"] == "zeroth_order"
+    assert "gold_reward_after_first_order" not in summary
+
+
+def test_unknown_option_gets_hydras_message(tmp_path):
+    result = zopro_train(tmp_path / "run", "policy.not_an_option=1")
+    assert result.returncode != 0
+    assert "not_an_option" in result.stderr
