@@ -169,11 +169,27 @@ def generate_completions(
 
 
 def decode_completions(tokenizer, input_ids: Tensor, completion_mask: Tensor) -> list[str]:
-    completion = input_ids[:, -completion_mask.shape[1] :]
-    return [
-        tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
-        for row, mask in zip(completion, completion_mask, strict=True)
-    ]
+    """Completion texts, with the whitespace that joins them to their prompt.
+
+    Decoding the completion tokens alone loses a leading space with many tokenizers (word-level
+    and SentencePiece ones), and ``prompt + completion`` then glues two words together for the
+    reward model. So each row is decoded whole and the decoded prompt is cut off its front;
+    where the prompt's text is not a prefix of the whole (a merge across the boundary), the
+    completion is decoded alone.
+    """
+    completion_len = completion_mask.shape[1]
+    texts = []
+    for row, mask in zip(input_ids, completion_mask, strict=True):
+        prompt_ids = row[:-completion_len]
+        whole_ids = torch.cat([prompt_ids, row[-completion_len:][mask.bool()]])
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        whole = tokenizer.decode(whole_ids, skip_special_tokens=True)
+        if whole.startswith(prompt):
+            texts.append(whole[len(prompt) :])
+        else:
+            texts.append(tokenizer.decode(row[-completion_len:][mask.bool()],
+                                          skip_special_tokens=True))
+    return texts
 
 
 def has_eos(tokenizer, input_ids: Tensor, completion_mask: Tensor) -> Tensor:
