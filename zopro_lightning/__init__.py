@@ -1,17 +1,28 @@
-"""Zeroth-order preference optimisation (ZOPrO) of language models as a Lightning plug-in."""
+"""Zeroth-order preference optimisation (ZOPrO) of language models as a Lightning plug-in.
 
-from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.optim import ZerothOrderOptimizer
-from zopro_lightning.rewards import HFRewardModel, VaderSentimentReward
-from zopro_lightning.samplers import GaussianSampler, RademacherSampler, ZOPrOSampler
+The public names load lazily, so light entry points (``zopro-viz``) do not import Lightning
+and transformers before they need them.
+"""
 
-__all__ = [
-    "GaussianSampler",
-    "HFRewardModel",
-    "RademacherSampler",
-    "VaderSentimentReward",
-    "ZOPrOModule",
-    "ZOPrOSampler",
-    "ZerothOrderOptimizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ZOPrOModule": "zopro_lightning.module",
+    "ZerothOrderOptimizer": "zopro_lightning.optim",
+    "HFRewardModel": "zopro_lightning.rewards",
+    "VaderSentimentReward": "zopro_lightning.rewards",
+    "GaussianSampler": "zopro_lightning.samplers",
+    "RademacherSampler": "zopro_lightning.samplers",
+    "ZOPrOSampler": "zopro_lightning.samplers",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'zopro_lightning' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
