@@ -84,7 +84,7 @@ class Pipeline:
         }
 
     # -- helpers --------------------------------------------------------------------------
-    def trainer(self, phase: str, callbacks: Sequence[L.Callback] = (), **kwargs) -> L.Trainer:
+    def trainer(self, callbacks: Sequence[L.Callback] = (), **kwargs) -> L.Trainer:
         """A Lightning Trainer for one phase, from the ``trainer`` config group."""
         factory: Callable[..., L.Trainer] = instantiate(self.cfg.trainer, _partial_=True)
         return factory(
@@ -114,7 +114,7 @@ class Pipeline:
         model = self.model_spec.with_lora(base)
         module = SFTModule(model, lr=cfg.lr)
         loader = self.loader(self.task.sft_examples, cfg.batch_size, SFTCollator(self.tokenizer))
-        self.trainer("sft", max_epochs=cfg.epochs).fit(module, loader)
+        self.trainer(max_epochs=cfg.epochs).fit(module, loader)
         merged = model.merge_and_unload()
         merged.save_pretrained(self.run_dir / "sft")
         self.tokenizer.save_pretrained(self.run_dir / "sft")
@@ -136,7 +136,7 @@ class Pipeline:
     ) -> None:
         module = RewardModelModule(reward, loss=self.cfg.reward_model.loss, lr=lr)
         loader = self.loader(pairs, self.cfg.reward_model.batch_size, PairCollator(reward))
-        self.trainer("reward_model", max_epochs=epochs).fit(module, loader)
+        self.trainer(max_epochs=epochs).fit(module, loader)
         reward.model.eval()
 
     def refine(
@@ -208,7 +208,7 @@ class Pipeline:
                 GaussianSampler() if t == 0 and not first_order else sampler
             )
             theta_before = trainable_state(policy)
-            self.trainer(f"policy_{t}", callbacks=[recorder], max_steps=steps, max_epochs=-1).fit(
+            self.trainer(callbacks=[recorder], max_steps=steps, max_epochs=-1).fit(
                 self.policy_module, self.loader(chunk, cfg.loop.batch_size)
             )
             policy_steps += steps

@@ -187,8 +187,9 @@ def decode_completions(tokenizer, input_ids: Tensor, completion_mask: Tensor) ->
         if whole.startswith(prompt):
             texts.append(whole[len(prompt) :])
         else:
-            texts.append(tokenizer.decode(row[-completion_len:][mask.bool()],
-                                          skip_special_tokens=True))
+            texts.append(
+                tokenizer.decode(row[-completion_len:][mask.bool()], skip_special_tokens=True)
+            )
     return texts
 
 

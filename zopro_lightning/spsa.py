@@ -152,24 +152,24 @@ def spsa_step(
     directions = _Directions(sampler, seed, cache_directions)
     backup = {n: p.detach().clone() for n, p in params.items()} if exact_restore else None
 
-    def restore(j: int, scale_from_theta: float) -> None:
-        if backup is not None:
-            for name, param in params.items():
-                param.copy_(backup[name])
-        else:
-            perturb_(params, directions, j, -scale_from_theta)
+    def restore_theta() -> None:
+        for name, param in params.items():
+            param.copy_(backup[name])
 
     stats = torch.zeros(3, num_perturbations, dtype=torch.float64)
     for j in range(num_perturbations):
-        perturb_(params, directions, j, eps)
+        perturb_(params, directions, j, eps)  # theta + eps z
         loss_plus = float(loss_fn())
-        if backup is not None:
-            restore(j, eps)
+        if backup is not None:  # theta - eps z, from the copy
+            restore_theta()
             perturb_(params, directions, j, -eps)
-        else:
+        else:  # theta - eps z, by arithmetic (one pass fewer)
             perturb_(params, directions, j, -2 * eps)
         loss_minus = float(loss_fn())
-        restore(j, -eps)
+        if backup is not None:
+            restore_theta()
+        else:
+            perturb_(params, directions, j, eps)
         stats[:, j] = torch.tensor(
             [(loss_plus - loss_minus) / (2 * eps), loss_plus, loss_minus], dtype=torch.float64
         )
