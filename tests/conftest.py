@@ -40,3 +40,22 @@ def lora_policy(tokenizer):
 def count_words_reward(prompts: list[str], completions: list[str]) -> torch.Tensor:
     """A user-written reward: how often the word 'great' appears."""
     return torch.tensor([c.split().count("great") for c in completions], dtype=torch.float32)
+
+
+def whitespace_tokenizer(words: list[str], chat_template: str | None = None):
+    """One token per whitespace-separated word of ``words`` (ids in list order; anything else
+    is <unk>), with an optional chat template. ``words`` must hold <pad>, <s>, </s>, <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = chat_template
+    return fast

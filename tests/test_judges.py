@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from zopro_lightning.judges import (
@@ -18,6 +17,8 @@ from zopro_lightning.judges import (
     RewardJudge,
     parse_choice,
 )
+
+from .conftest import whitespace_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
@@ -48,17 +49,7 @@ WORDS = [
 
 def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a few words; everything else is <unk>."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-    fast.chat_template = chat_template
-    return fast
+    return whitespace_tokenizer(WORDS, chat_template)
 
 
 def labels_equal(actual: torch.Tensor, expected: list[float]) -> bool:

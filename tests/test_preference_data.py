@@ -9,7 +9,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from zopro_lightning.data import preference
@@ -19,6 +18,8 @@ from zopro_lightning.data.preference import (
     load_preference_dataset,
     train_eval_split,
 )
+
+from .conftest import whitespace_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -41,17 +42,7 @@ def word_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
         "<|assistant|>",
         "<|system|>",
     ]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-    fast.chat_template = chat_template
-    return fast
+    return whitespace_tokenizer(words, chat_template)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
