@@ -41,3 +41,11 @@ def test_clipped_surrogate_hand_computed():
     loss = clipped_surrogate(new, old, adv, clip_range=0.2)
     # A>0, ratio 1.5: max(-1.5, -1.2) = -1.2 ; A<0, ratio 0.5: max(0.5, 0.8) = 0.8 ; ratio 1: -2
     assert torch.allclose(loss, torch.tensor([-1.2, 0.8, -2.0]))
+
+
+def test_scale_to_unit_std_keeps_zeros_and_signs():
+    from zopro_lightning.objectives import scale_to_unit_std
+
+    scaled = scale_to_unit_std(torch.tensor([4.0, 0.0, -4.0, 0.0]))
+    assert float(scaled.std()) == pytest.approx(1.0)
+    assert scaled[1] == 0 and scaled[0] > 0 > scaled[2]

@@ -81,6 +81,8 @@ class ZOPrOModule(LightningModule):
         temperature: sampling temperature ``tau``.
         max_new_tokens: completion length limit.
         missing_eos_penalty: subtracted from the reward of completions without EOS.
+        normalize_advantages: divide the batch's advantages by their standard deviation, so
+            the step size does not follow the reward model's drifting scale.
         micro_batch_size: sequences per forward (log-probs and loss); all micro-batches of an
             update share the perturbation.
         accumulate_batches: dataloader batches (rollouts) per policy update.
@@ -111,6 +113,7 @@ class ZOPrOModule(LightningModule):
         temperature: float = 1.0,
         max_new_tokens: int = 16,
         missing_eos_penalty: float | None = None,
+        normalize_advantages: bool = False,
         micro_batch_size: int | None = None,
         accumulate_batches: int = 1,
         seed: int = 0,
@@ -183,6 +186,7 @@ class ZOPrOModule(LightningModule):
             max_new_tokens=h.max_new_tokens,
             beta=h.beta,
             missing_eos_penalty=h.missing_eos_penalty,
+            normalize_advantages=h.normalize_advantages,
             micro_batch_size=h.micro_batch_size,
         )
 

@@ -67,6 +67,16 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
     return advantages.reshape(-1).to(rewards.dtype)
 
 
+def scale_to_unit_std(advantages: Tensor, floor: float = 1e-8) -> Tensor:
+    """``A / std(A)`` over the batch (``[N]``).
+
+    The reward model's scale drifts as it is refined; without this, the size of every
+    zeroth-order step (``lr * g * z`` with ``g`` proportional to ``A``) drifts with it. Zeros
+    (left-out completions) stay zero.
+    """
+    return advantages / (advantages.std() + floor) if advantages.numel() > 1 else advantages
+
+
 def clipped_surrogate(
     new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float
 ) -> Tensor:

@@ -213,8 +213,10 @@ class Pipeline:
             )
             policy_steps += steps
             mu = state_difference(trainable_state(policy), theta_before)
+            gold = self.evaluate(policy)
+            self.summary.setdefault("gold_reward_per_iteration", []).append(gold)
             if first_order:
-                self.summary["gold_reward_after_first_order"] = self.evaluate(policy)
+                self.summary["gold_reward_after_first_order"] = gold
             phi_before = trainable_state(reward.model)
             refinement = self.refine(reward, self.policy_module, recorder.pop())
             v = state_difference(trainable_state(reward.model), phi_before)
@@ -226,7 +228,7 @@ class Pipeline:
         self.summary.update(
             {
                 "policy_steps": policy_steps,
-                "gold_reward_final": self.evaluate(policy),
+                "gold_reward_final": self.summary["gold_reward_per_iteration"][-1],
                 "reward_model_accuracy": pairwise_accuracy(reward, self.task.eval_pairs),
                 "kl_final": self.policy_module.last_rollout.metrics["kl"],
                 "skipped_steps": self.policy_module.skipped_steps,

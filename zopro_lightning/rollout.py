@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from zopro_lightning.objectives import rlhf_rewards, rloo_advantages, sequence_kl
+from zopro_lightning.objectives import (
+    rlhf_rewards,
+    rloo_advantages,
+    scale_to_unit_std,
+    sequence_kl,
+)
 from zopro_lightning.rewards import RewardFn, score_completions
 
 
@@ -124,6 +129,7 @@ class RolloutConfig:
     beta: float = 0.05
     missing_eos_penalty: float | None = None
     micro_batch_size: int | None = None
+    normalize_advantages: bool = False
 
 
 @torch.no_grad()
@@ -245,6 +251,8 @@ def collect_rollout(
     kl = sequence_kl(old_logprobs, ref_logprobs)
     rho = rlhf_rewards(rewards, kl, config.beta)
     advantages = rloo_advantages(rho, config.k)
+    if config.normalize_advantages:
+        advantages = scale_to_unit_std(advantages)
     finite = torch.isfinite(rewards)
     n_tokens = int(completion_mask.sum())
     metrics = {
