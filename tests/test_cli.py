@@ -93,3 +93,14 @@ def test_unknown_option_gets_hydras_message(tmp_path):
     result = zopro_train(tmp_path / "run", "policy.not_an_option=1")
     assert result.returncode != 0
     assert "not_an_option" in result.stderr
+
+
+@pytest.mark.slow
+def test_wandb_logger_offline_writes_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = zopro_train(tmp_path / "run", "logger=wandb", "loop.iterations=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run holds no history file"
