@@ -278,6 +278,11 @@ class ZOPrOModule(LightningModule):
             self.policy, self.tokenizer, prompts, self.reward_fn, self.rollout_config, reference
         )
 
+    @property
+    def will_update(self) -> bool:
+        """Whether the next training batch completes an update (``accumulate_batches``)."""
+        return len(self._pending) + 1 >= self.hparams.accumulate_batches
+
     def step_seed(self) -> int:
         """Seed of the current policy update: the same on every rank, new each update."""
         return derive_seed(self.hparams.seed, self.policy_updates)

@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy
 from zopro_lightning.models import (
@@ -196,6 +197,18 @@ class Pipeline:
         self.summary["gold_reward_initial"] = self.evaluate(policy)
         chunks = prompt_chunks(self.task.train_prompts, iterations, steps * cfg.loop.batch_size)
         recorder = RolloutRecorder()
+        interplay = cfg.interplay
+        snapshots = (
+            InterplaySnapshots(self.run_dir, interplay.every_fraction, interplay.max_numel)
+            if interplay.snapshots
+            else None
+        )
+        callbacks: list[L.Callback] = [recorder]
+        if snapshots is not None:
+            snapshots.save_reward(reward.model, step=0, iteration=0)  # r_0
+            callbacks.append(snapshots)
+        if interplay.update_cosines:
+            callbacks.append(UpdateCosines())
         policy_steps = 0
         for t, chunk in enumerate(chunks):
             first_order = t == 0 and cfg.loop.first_order_first
@@ -208,7 +221,9 @@ class Pipeline:
                 GaussianSampler() if t == 0 and not first_order else sampler
             )
             theta_before = trainable_state(policy)
-            self.trainer(callbacks=[recorder], max_steps=steps, max_epochs=-1).fit(
+            if snapshots is not None:
+                snapshots.iteration = t
+            self.trainer(callbacks=callbacks, max_steps=steps, max_epochs=-1).fit(
                 self.policy_module, self.loader(chunk, cfg.loop.batch_size)
             )
             policy_steps += steps
@@ -220,6 +235,10 @@ class Pipeline:
             phi_before = trainable_state(reward.model)
             refinement = self.refine(reward, self.policy_module, recorder.pop())
             v = state_difference(trainable_state(reward.model), phi_before)
+            if snapshots is not None:
+                snapshots.save_reward(
+                    reward.model, step=self.policy_module.policy_updates, iteration=t
+                )
             matched = sampler.set_directions(mu, v) if isinstance(sampler, ZOPrOSampler) else 0
             log.info("iteration %d: %s, %d tensors matched", t, refinement, matched)
             self.summary.setdefault("refinement_pairs", []).append(refinement["pairs"])
