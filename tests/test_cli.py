@@ -104,3 +104,6 @@ def test_wandb_logger_offline_writes_the_run(tmp_path, monkeypatch):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "the offline run holds no history file"
+    # the interplay plots were made and logged (W&B keeps logged images under files/media)
+    assert list((tmp_path / "run" / "plots").glob("trajectory_pca_2d.png"))
+    assert list(runs[0].rglob("media/images/interplay*.png"))

@@ -256,7 +256,24 @@ class Pipeline:
             }
         )
         self.write_summary()
+        self.interplay_plots()
         return self.summary
+
+    def interplay_plots(self) -> None:
+        """``zopro-viz`` on this run when asked (``interplay.plots_at_end``; ``null`` means
+        "when the logger is W&B"), and the PNGs logged to W&B."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb = isinstance(self.logger, WandbLogger)
+        wanted = self.cfg.interplay.plots_at_end
+        if not (wanted or (wanted is None and wandb)) or not self.cfg.interplay.snapshots:
+            return
+        from zopro_lightning.interplay.cli import main as zopro_viz
+
+        zopro_viz([str(self.run_dir), "--methods", self.cfg.interplay.methods, "--no-html"])
+        if wandb:
+            images = sorted((self.run_dir / "plots").glob("*.png"))
+            self.logger.log_image("interplay", [str(path) for path in images])
 
     def save_adapters(self, iteration: int, policy, reward: HFRewardModel) -> None:
         root = self.run_dir / "adapters" / f"iteration_{iteration}"
