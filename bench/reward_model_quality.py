@@ -178,8 +178,9 @@ def part_hh(args) -> dict:
         "batch_size": args.hh_batch_size,
         "max_length": args.hh_max_length,
         "freeze_layers": args.hh_freeze_layers,
-        "trainable_parameters": sum(p.numel() for p in reward.model.parameters()
-                                    if p.requires_grad),  # fmt: skip
+        "trainable_parameters": sum(
+            p.numel() for p in reward.model.parameters() if p.requires_grad
+        ),
         "eval_accuracy": accuracy,
         "eval_accuracy_untrained": before,
         "eval_accuracy_shorter_wins": shorter_wins(task.eval_pairs),
