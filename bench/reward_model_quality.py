@@ -16,7 +16,9 @@ Both train through :class:`~zopro_lightning.reward_model.RewardModelModule` and 
     python bench/reward_model_quality.py --quick         # a few minutes: subsample, 1 epoch
     python bench/reward_model_quality.py --parts hh --epochs 2 --max-length 128
 
-Writes ``bench/results/reward_model_quality.json`` (``--out``) and prints a table.
+Writes ``bench/results/reward_model_quality.json`` (``--out``; one entry a part, each with its
+machine, date, versions and command; a run of one part keeps the other's entry) and prints a
+table.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import platform
 import random
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,32 +69,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=str(ROOT / "bench/results/reward_model_quality.json"))
     # part (a)
-    parser.add_argument("--hh-epochs", type=int, default=2)
-    parser.add_argument("--hh-lr", type=float, default=3e-5)
+    parser.add_argument("--hh-epochs", type=int, default=1)
+    parser.add_argument("--hh-lr", type=float, default=5e-5)
     parser.add_argument("--hh-batch-size", type=int, default=16)
     parser.add_argument("--hh-max-length", type=int, default=128)
     parser.add_argument("--hh-freeze-layers", type=int, default=0)
     parser.add_argument("--hh-max-rows", type=int, default=None)
+    parser.add_argument("--hh-max-minutes", type=float, default=7.5, help="training time cap")
     # part (b)
-    parser.add_argument("--wmt-epochs", type=int, default=2)
+    parser.add_argument("--wmt-epochs", type=int, default=1)
     parser.add_argument("--wmt-lr", type=float, default=5e-5)
     parser.add_argument("--wmt-batch-size", type=int, default=32)
     parser.add_argument("--wmt-max-length", type=int, default=128)
     parser.add_argument("--wmt-freeze-layers", type=int, default=0)
     parser.add_argument("--wmt-max-rows", type=int, default=None)
+    parser.add_argument("--wmt-max-minutes", type=float, default=7.5, help="training time cap")
     args = parser.parse_args(argv)
     if args.quick:
         args.hh_epochs = args.wmt_epochs = 1
+        args.hh_max_minutes = args.wmt_max_minutes = 2.0
         args.hh_max_rows = args.hh_max_rows or 400
         args.wmt_max_rows = args.wmt_max_rows or 800
     return args
 
 
-def trainer(max_epochs: int) -> L.Trainer:
+def trainer(max_epochs: int, max_minutes: float | None) -> L.Trainer:
+    """A CPU trainer; ``max_minutes`` bounds the training time (Lightning's ``max_time``)."""
     return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=max_epochs,
+        max_time=timedelta(minutes=max_minutes) if max_minutes else None,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -136,6 +143,31 @@ class EpochMetrics(L.Callback):
         log.info("held out: %s", row)
 
 
+def by_length(rows: list[dict]) -> list[dict]:
+    """Held-out rows sorted by text length: less padding per batch, same metrics."""
+    return sorted(rows, key=lambda r: sum(len(v) for v in r.values() if isinstance(v, str)))
+
+
+def fit_then_validate(args, module, train_rows, eval_rows, collate, epochs, minutes, batch_size):
+    """Train (at most ``epochs`` epochs and ``minutes`` minutes), then one held-out pass."""
+    metrics = EpochMetrics()
+    run = trainer(epochs, minutes)
+    run.callbacks.append(metrics)
+    start = metrics.start = time.perf_counter()
+    run.fit(module, loader(train_rows, batch_size, collate, True, args.seed))
+    train_seconds = time.perf_counter() - start
+    run.validate(module, loader(by_length(eval_rows), 64, collate, False, args.seed), verbose=False)
+    seen = min(run.global_step * batch_size, epochs * len(train_rows))
+    return {
+        "optimizer_steps": run.global_step,
+        "train_rows_seen": seen,
+        "epochs_done": seen / len(train_rows),
+        "train_seconds": train_seconds,
+        "train_and_eval_seconds": time.perf_counter() - start,
+        "held_out": metrics.rows[-1],
+    }
+
+
 def shorter_wins(pairs) -> float:
     """Reference: the fraction of pairs whose chosen response is the shorter (ties count 1/2)."""
     wins = [
@@ -157,23 +189,16 @@ def part_hh(args) -> dict:
     )
     before = pairwise_accuracy(reward, task.eval_pairs) if args.references else None
     module = RewardModelModule(reward, loss="bradley_terry", lr=args.hh_lr)
-    collate = PairCollator(reward)
-    metrics = EpochMetrics()
-    fit = trainer(args.hh_epochs)
-    fit.callbacks.append(metrics)
-    start = metrics.start = time.perf_counter()
-    fit.fit(
-        module,
-        loader(task.train_pairs, args.hh_batch_size, collate, True, args.seed),
-        loader(task.eval_pairs, 64, collate, False, args.seed),
-    )
-    seconds = time.perf_counter() - start
-    accuracy = metrics.rows[-1]["accuracy"]  # the last held-out epoch: the trained model
+    run = fit_then_validate(
+        args, module, task.train_pairs, task.eval_pairs, PairCollator(reward),
+        args.hh_epochs, args.hh_max_minutes, args.hh_batch_size,
+    )  # fmt: skip
     return {
         "data": str(args.hh_path),
         "train_pairs": len(task.train_pairs),
         "eval_pairs": len(task.eval_pairs),
         "epochs": args.hh_epochs,
+        "max_minutes": args.hh_max_minutes,
         "lr": args.hh_lr,
         "batch_size": args.hh_batch_size,
         "max_length": args.hh_max_length,
@@ -181,16 +206,15 @@ def part_hh(args) -> dict:
         "trainable_parameters": sum(
             p.numel() for p in reward.model.parameters() if p.requires_grad
         ),
-        "eval_accuracy": accuracy,
+        "eval_accuracy": run["held_out"]["accuracy"],
         "eval_accuracy_untrained": before,
         "eval_accuracy_shorter_wins": shorter_wins(task.eval_pairs),
-        "per_epoch": metrics.rows,
-        "train_and_eval_seconds": seconds,
+        **run,
     }
 
 
 def part_wmt(args) -> dict:
-    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+    from torchmetrics.functional import pearson_corrcoef
 
     task = build_preference_task(
         args.wmt_path, "wmt20_mlqe", eval_fraction=args.eval_fraction, seed=args.seed,
@@ -201,19 +225,11 @@ def part_wmt(args) -> dict:
         args.backbone, max_length=args.wmt_max_length, freeze_layers=args.wmt_freeze_layers
     )
     module = RewardModelModule(reward, loss="mse", lr=args.wmt_lr)
-    collate = ScoreCollator(reward)
-    metrics = EpochMetrics()
-    fit = trainer(args.wmt_epochs)
-    fit.callbacks.append(metrics)
-    start = metrics.start = time.perf_counter()
-    fit.fit(
-        module,
-        loader(task.train_scored, args.wmt_batch_size, collate, True, args.seed),
-        loader(task.eval_scored, 64, collate, False, args.seed),
-    )
-    seconds = time.perf_counter() - start
+    run = fit_then_validate(
+        args, module, task.train_scored, task.eval_scored, ScoreCollator(reward),
+        args.wmt_epochs, args.wmt_max_minutes, args.wmt_batch_size,
+    )  # fmt: skip
     held_out = task.eval_scored
-    predicted = reward([r["prompt"] for r in held_out], [r["completion"] for r in held_out])
     target = torch.tensor([r["score"] for r in held_out])
     # reference: a length feature (longer sources are harder to translate well)
     length = torch.tensor([float(len(r["prompt"].split())) for r in held_out])
@@ -222,15 +238,15 @@ def part_wmt(args) -> dict:
         "train_rows": len(task.train_scored),
         "eval_rows": len(held_out),
         "epochs": args.wmt_epochs,
+        "max_minutes": args.wmt_max_minutes,
         "lr": args.wmt_lr,
         "batch_size": args.wmt_batch_size,
         "max_length": args.wmt_max_length,
         "freeze_layers": args.wmt_freeze_layers,
-        "eval_pearson": float(pearson_corrcoef(predicted, target)),
-        "eval_spearman": float(spearman_corrcoef(predicted, target)),
+        "eval_pearson": run["held_out"]["pearson"],
+        "eval_spearman": run["held_out"]["spearman"],
         "eval_pearson_source_length": float(pearson_corrcoef(-length, target)),
-        "per_epoch": metrics.rows,
-        "train_and_eval_seconds": seconds,
+        **run,
     }
 
 
@@ -261,12 +277,12 @@ def print_table(results: dict) -> None:
     hh, wmt = results.get("hh"), results.get("wmt")
     if hh:
         for key in ("eval_accuracy", "eval_accuracy_untrained", "eval_accuracy_shorter_wins",
-                    "train_and_eval_seconds"):  # fmt: skip
+                    "epochs_done", "train_and_eval_seconds"):  # fmt: skip
             if hh[key] is not None:
                 print(f"{'hh':<6} {key:<34} {hh[key]:>10.3f}")
     if wmt:
         for key in ("eval_pearson", "eval_spearman", "eval_pearson_source_length",
-                    "train_and_eval_seconds"):  # fmt: skip
+                    "epochs_done", "train_and_eval_seconds"):  # fmt: skip
             print(f"{'wmt':<6} {key:<34} {wmt[key]:>10.3f}")
 
 
@@ -283,12 +299,14 @@ def main(argv=None) -> dict:
         if part in parts and not Path(path).is_file():
             raise SystemExit(f"{path} not found: the shared data sits in ../shared/data")
     random.seed(args.seed)
-    results: dict = {"environment": environment(args)}
-    if "hh" in parts:
-        results["hh"] = part_hh(args)
-    if "wmt" in parts:
-        results["wmt"] = part_wmt(args)
     out = Path(args.out)
+    # a run of some parts keeps the other parts' figures already in the file
+    results: dict = json.loads(out.read_text()) if out.is_file() else {}
+    results.pop("environment", None)
+    if "hh" in parts:
+        results["hh"] = part_hh(args) | {"environment": environment(args)}
+    if "wmt" in parts:
+        results["wmt"] = part_wmt(args) | {"environment": environment(args)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print_table(results)

@@ -122,13 +122,30 @@ class Pipeline:
         return merged
 
     def reward_model(self) -> HFRewardModel:
-        """Reward model from the SFT weights with the policy's LoRA layout, trained on pairs."""
+        """The reward model r_0, trained on the task's pairs.
+
+        ``reward_model.backbone: null``: built from the SFT weights with the policy's LoRA
+        layout, so the ZOPrO sampler matches policy and reward tensors by name. Otherwise any
+        sequence classifier by hub name or path (``minilm``: the bundled all-MiniLM-L6-v2),
+        with its own tokenizer; its tensors then match none of the policy's.
+        """
         cfg = self.cfg.reward_model
-        classifier = load_sequence_classifier(
-            self.run_dir / "sft", pad_token_id=self.tokenizer.pad_token_id
-        )
-        classifier = self.model_spec.with_lora(classifier, task_type="SEQ_CLS")
-        reward = HFRewardModel(classifier, self.tokenizer, max_length=cfg.max_length)
+        if cfg.backbone:
+            from zopro_lightning.reward_backbones import load_reward_backbone
+
+            reward = load_reward_backbone(
+                cfg.backbone,
+                lora=cfg.get("lora"),
+                dtype=cfg.get("dtype"),
+                max_length=cfg.max_length,
+                freeze_layers=cfg.get("freeze_layers", 0),
+            )
+        else:
+            classifier = load_sequence_classifier(
+                self.run_dir / "sft", pad_token_id=self.tokenizer.pad_token_id
+            )
+            classifier = self.model_spec.with_lora(classifier, task_type="SEQ_CLS")
+            reward = HFRewardModel(classifier, self.tokenizer, max_length=cfg.max_length)
         self.fit_reward_model(reward, self.task.train_pairs, epochs=cfg.epochs, lr=cfg.lr)
         return reward
 

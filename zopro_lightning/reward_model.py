@@ -75,6 +75,13 @@ class RewardModelModule(LightningModule):
         self.val_pearson = torchmetrics.PearsonCorrCoef()
         self.val_spearman = torchmetrics.SpearmanCorrCoef()
 
+    def on_train_start(self) -> None:
+        # checkpoints load in eval mode; train with the model's own dropout
+        self.model.train()
+
+    def on_train_end(self) -> None:
+        self.model.eval()
+
     def score(self, encoded: dict[str, Tensor]) -> Tensor:
         return self.model(**encoded).logits[:, 0].float()
 
