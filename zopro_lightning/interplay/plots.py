@@ -222,6 +222,9 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
             low = min(low, float(np.nanmin(steps)) - 0.05)
     ax.axhline(0, color="0.6", lw=0.8, ls=":")
     ax.set_ylim(low, 1.05)
+    if n:  # same x range as the other panels, also when few steps have a value
+        ax.set_xlim(-0.3, max(n - 1, 1) + 0.3)
+        ax.set_xlabel("update pair t")
     ax.set_ylabel("bias-corrected dCor\u00b2")
     ax.set_title("Distance correlation of the updates")
 
