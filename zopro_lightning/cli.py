@@ -13,25 +13,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from zopro_lightning.gather import COLUMNS as SUMMARY_COLUMNS
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
-    keys = (
-        "task",
-        "sampler",
-        "optimizer",
-        "policy_steps",
-        "gold_reward_initial",
-        "gold_reward_after_first_order",
-        "gold_reward_final",
-        "reward_model_accuracy",
-        "kl_final",
-        "wall_seconds",
-        "peak_memory_mb",
-    )
     print("\n== zopro-train summary ==")
-    for key in keys:
+    for key in SUMMARY_COLUMNS:
         if key in summary:
             value = summary[key]
             print(f"{key:>32}: {value:.4f}" if isinstance(value, float) else f"{key:>32}: {value}")
