@@ -274,8 +274,20 @@ class ZOPrOModule(LightningModule):
         """Sample, score and prepare one batch (DESIGN.md §2.1)."""
         self.policy.eval()  # no dropout: the two SPSA evaluations must see the same network
         reference = self.reference_policy if self.hparams.beta > 0 else None
-        return collect_rollout(
-            self.policy, self.tokenizer, prompts, self.reward_fn, self.rollout_config, reference
+        # sampling is seeded by (seed, update, micro-batch, rank), not by the global RNG's
+        # history: a resumed run samples what the uninterrupted run sampled, and ranks differ
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.rollout_seed())
+            return collect_rollout(
+                self.policy, self.tokenizer, prompts, self.reward_fn, self.rollout_config, reference
+            )
+
+    def rollout_seed(self) -> int:
+        """Seed of the sampling of the next rollout: one per (update, accumulated batch, rank)."""
+        rank = self.global_rank if self._trainer is not None else 0
+        return derive_seed(
+            self.hparams.seed, self.policy_updates, f"rollout/{len(self._pending)}/{rank}"
         )
 
     @property
