@@ -66,6 +66,51 @@ def test_arithmetic_restore_is_within_rounding():
     assert torch.allclose(params["w"], theta, atol=1e-6)
 
 
+def test_arithmetic_restore_with_the_fused_update_matches_the_exact_one():
+    """Full-parameter mode fuses the last restore into the update; the step must equal the
+    copy-restore step up to rounding, with weight decay on a matrix and q = 1 or 3."""
+    theta = {"w": torch.randn(6, 5, dtype=torch.float64), "bias": torch.randn(5).double()}
+    for q in (1, 3):
+        out = []
+        for exact in (True, False):
+            params = {n: t.clone() for n, t in theta.items()}
+
+            def loss(p=params):
+                return (p["w"].sin().sum() + p["bias"].pow(2).sum()).float()
+
+            spsa_step(
+                params,
+                loss,
+                GaussianSampler(),
+                seed=3,
+                eps=1e-2,
+                lr=0.05,
+                weight_decay=0.1,
+                num_perturbations=q,
+                exact_restore=exact,
+            )
+            out.append(params)
+        for name in theta:
+            assert not torch.equal(out[0][name], theta[name])
+            assert torch.allclose(out[0][name], out[1][name], atol=1e-9), (q, name)
+
+
+def test_arithmetic_restore_after_a_skipped_step():
+    theta = torch.randn(10, 3, dtype=torch.float64)
+    params = {"w": theta.clone()}
+    result = spsa_step(
+        params,
+        lambda: torch.tensor(float("nan")),
+        GaussianSampler(),
+        seed=0,
+        eps=1e-3,
+        lr=1.0,
+        exact_restore=False,
+    )
+    assert result.skipped
+    assert torch.allclose(params["w"], theta, atol=1e-12)
+
+
 def test_non_finite_g_skips_the_update_and_leaves_theta_bit_identical():
     theta = torch.randn(10, 3)
     params = {"w": theta.clone()}
