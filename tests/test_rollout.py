@@ -1,7 +1,10 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.rollout import decode_completions
+from zopro_lightning.rollout import check_context_length, context_length, decode_completions
 
 from .conftest import count_words_reward
 
@@ -35,3 +38,50 @@ def test_decoded_completions_keep_the_space_that_joins_them_to_the_prompt(tokeni
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     (text,) = decode_completions(tokenizer, ids, torch.ones_like(completion_ids))
     assert text == completion and text.startswith(" ")
+
+
+def prompt_of_length(tokenizer, small_task, n_tokens: int) -> str:
+    """A prompt of exactly ``n_tokens`` tokens, from the task's own words."""
+    words = " ".join(small_task.train_prompts).split()
+    prompt = " ".join(words[i % len(words)] for i in range(n_tokens))
+    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) == n_tokens
+    return prompt
+
+
+def test_prompt_longer_than_the_context_is_refused_before_generation(
+    lora_policy, tokenizer, small_task, monkeypatch
+):
+    limit = lora_policy.config.max_position_embeddings
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=8)
+    calls = []
+    monkeypatch.setattr(lora_policy, "generate", lambda *a, **k: calls.append(1))
+    too_long = prompt_of_length(tokenizer, small_task, limit - 4)  # + 8 new tokens > limit
+    with pytest.raises(ValueError) as error:
+        module.rollout([small_task.train_prompts[0], too_long])
+    message = str(error.value)
+    for part in (
+        "1 of 2 prompts",
+        f"longest prompt is {limit - 4} tokens",
+        f"> {limit}",
+        "max_position_embeddings",
+        f"at most {limit - 8} tokens",
+        "dataset.task.max_prompt_tokens",
+        "policy.max_new_tokens",
+    ):
+        assert part in message, message
+    assert not calls and module.policy_updates == 0  # nothing generated, nothing changed
+
+
+def test_prompt_that_exactly_fills_the_context_is_generated(lora_policy, tokenizer, small_task):
+    limit = lora_policy.config.max_position_embeddings
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    rollout = module.rollout([prompt_of_length(tokenizer, small_task, limit - 4)])
+    assert rollout.prompt_length + rollout.completion_mask.shape[1] <= limit
+
+
+def test_context_check_skips_models_without_a_position_limit():
+    class NoLimit(torch.nn.Module):
+        config = SimpleNamespace(hidden_size=8)  # no max_position_embeddings
+
+    assert context_length(NoLimit()) is None
+    check_context_length(NoLimit(), torch.ones(2, 10_000, dtype=torch.long), max_new_tokens=10)

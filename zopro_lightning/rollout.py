@@ -132,6 +132,44 @@ class RolloutConfig:
     normalize_advantages: bool = False
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's context, ``config.max_position_embeddings`` (``None`` when the config has
+    none: relative-position models without a bound)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) else None
+
+
+def check_context_length(
+    model: nn.Module, attention_mask: Tensor, max_new_tokens: int, rows_per_prompt: int = 1
+) -> None:
+    """Refuse prompts whose tokens plus ``max_new_tokens`` exceed the model's context.
+
+    Args:
+        attention_mask: ``[N, P]`` of the (left-padded) prompts, each prompt on
+            ``rows_per_prompt`` consecutive rows.
+
+    Raises:
+        ValueError: naming the longest prompt's length, the limit and the fixes.
+    """
+    limit = context_length(model)
+    if limit is None or attention_mask.numel() == 0:
+        return
+    lengths = attention_mask.sum(-1)
+    longest = int(lengths.max())
+    if longest + max_new_tokens <= limit:
+        return
+    too_long = int((lengths + max_new_tokens > limit).sum()) // rows_per_prompt
+    prompts = len(lengths) // rows_per_prompt
+    raise ValueError(
+        f"rollout: {too_long} of {prompts} prompts do not fit the model's context: the "
+        f"longest prompt is {longest} tokens, and {longest} + max_new_tokens {max_new_tokens} "
+        f"= {longest + max_new_tokens} > {limit} (config.max_position_embeddings). Truncate "
+        f"the prompts to at most {max(limit - max_new_tokens, 0)} tokens "
+        "(dataset.task.max_prompt_tokens with prompt_length_mode=truncate or drop), or lower "
+        "max_new_tokens (policy.max_new_tokens)."
+    )
+
+
 @torch.no_grad()
 def generate_completions(
     policy: nn.Module,
@@ -145,6 +183,10 @@ def generate_completions(
     Returns:
         ``(input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T], P)`` where the
         completion mask covers real tokens up to and including the first EOS.
+
+    Raises:
+        ValueError: a prompt's tokens plus ``max_new_tokens`` exceed the model's context
+            (:func:`check_context_length`), before anything is generated.
     """
     repeated = [p for p in prompts for _ in range(config.k)] if do_sample else list(prompts)
     side = tokenizer.padding_side
@@ -153,6 +195,9 @@ def generate_completions(
         encoded = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+    check_context_length(
+        policy, encoded["attention_mask"], config.max_new_tokens, config.k if do_sample else 1
+    )
     device = next(policy.parameters()).device
     encoded = {key: value.to(device) for key, value in encoded.items()}
     prompt_len = encoded["input_ids"].shape[1]
