@@ -85,3 +85,26 @@ def test_context_check_skips_models_without_a_position_limit():
 
     assert context_length(NoLimit()) is None
     check_context_length(NoLimit(), torch.ones(2, 10_000, dtype=torch.long), max_new_tokens=10)
+
+
+def test_completion_logprobs_match_a_token_by_token_computation(lora_policy, tokenizer, small_task):
+    """The sequence log-prob (LM head over the completion positions only) equals the sum of
+    tempered token log-probs computed from the full logits, one position at a time."""
+    from zopro_lightning.rollout import completion_logprobs, position_ids_from_mask
+
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    rollout = module.rollout(small_task.train_prompts[:3])
+    ids, mask, cmask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
+    with torch.no_grad():
+        fast = completion_logprobs(lora_policy, ids, mask, cmask, temperature=0.7)
+        logits = lora_policy(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).logits
+    start = rollout.prompt_length
+    expected = torch.zeros(len(rollout))
+    for row in range(len(rollout)):
+        for t in range(cmask.shape[1]):
+            if cmask[row, t]:
+                logp = torch.log_softmax(logits[row, start + t - 1] / 0.7, -1)
+                expected[row] += logp[ids[row, start + t]]
+    assert torch.allclose(fast, expected, atol=1e-4)

@@ -17,6 +17,8 @@ checkpoints and loggers follow policy updates as for any first-order module.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -25,6 +27,12 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from zopro_lightning.checkpointing import (
+    fingerprint_differences,
+    model_class_name,
+    model_fingerprint,
+)
+from zopro_lightning.distributed import agree_on_seed, cross_rank_mean, ddp_wrapper
 from zopro_lightning.objectives import clipped_surrogate
 from zopro_lightning.optim import ZerothOrderOptimizer
 from zopro_lightning.rewards import RewardFn
@@ -33,6 +41,8 @@ from zopro_lightning.samplers import GaussianSampler, PerturbationSampler, ZOPrO
 from zopro_lightning.spsa import derive_seed
 
 OptimizerMode = Literal["zeroth_order", "first_order"]
+
+log = logging.getLogger(__name__)
 
 
 def prompts_of(batch: Any) -> list[str]:
@@ -250,7 +260,30 @@ class ZOPrOModule(LightningModule):
         }
 
     def _cross_rank_mean(self, values: Tensor) -> Tensor:
-        return self.trainer.strategy.reduce(values.to(self.device), reduce_op="mean").cpu()
+        """Mean of the ``[3, q]`` step scalars ``(g, L+, L-)`` over data-parallel ranks: one
+        all-reduce and nothing else (``strategy.reduce`` would add a barrier)."""
+        return cross_rank_mean(values, self.trainer)
+
+    _base_seed: int | None = None  # rank 0's ``seed``, agreed at fit start
+
+    def _quiet_ddp_wrapper(self) -> None:
+        """Zeroth-order mode under ``strategy="ddp"``: stop the DDP wrapper's only per-step
+        traffic, the broadcast of module buffers before a forward.
+
+        Nothing else is needed, so ``strategy="ddp"`` works as is. ``DistributedDataParallel``
+        broadcast rank 0's parameters and buffers when it was built, so the ranks start equal.
+        No backward ever runs, so its reducer is never armed (under manual optimisation
+        Lightning prepares it only in ``manual_backward``): no gradient all-reduce and no
+        "expected to have finished reduction" error, with or without
+        ``find_unused_parameters``. A causal LM's buffers (rotary frequencies) never change, so
+        re-broadcasting them is pure traffic; without it the step's only collective is the
+        all-reduce of the step scalars. The reducer still holds its gradient buckets (the size
+        of the trainable set): negligible with LoRA; for full-parameter training use
+        :class:`~zopro_lightning.distributed.ZerothOrderDDPStrategy`, which builds no wrapper.
+        """
+        ddp = ddp_wrapper(self.trainer)
+        if ddp is not None:
+            ddp.broadcast_buffers = False
 
     # -- reference policy -----------------------------------------------------------------
     @contextmanager
@@ -263,6 +296,10 @@ class ZOPrOModule(LightningModule):
             yield self._frozen_reference[0]
 
     def on_fit_start(self) -> None:
+        # every rank takes rank 0's base seed: the step seeds, hence the directions z, agree
+        self._base_seed = agree_on_seed(self.hparams.seed, self.trainer)
+        if self.hparams.optimizer == "zeroth_order":
+            self._quiet_ddp_wrapper()
         for reference in self._frozen_reference:
             reference.to(self.device)
         reward_model = getattr(self.reward_fn, "model", None)
@@ -296,8 +333,10 @@ class ZOPrOModule(LightningModule):
         return len(self._pending) + 1 >= self.hparams.accumulate_batches
 
     def step_seed(self) -> int:
-        """Seed of the current policy update: the same on every rank, new each update."""
-        return derive_seed(self.hparams.seed, self.policy_updates)
+        """Seed of the current policy update: ``derive(base, t)`` with ``base`` rank 0's seed
+        (agreed at fit start) and ``t`` the update index; the same on every rank."""
+        base = self._base_seed if self._base_seed is not None else self.hparams.seed
+        return derive_seed(base, self.policy_updates)
 
     def surrogate_loss(self, rollouts: list[Rollout], backward: bool = False) -> Tensor:
         """Mean clipped surrogate over every completion of ``rollouts`` (DESIGN.md §2.2),
@@ -392,16 +431,182 @@ class ZOPrOModule(LightningModule):
         return {"loss": float(loss), "lr": lr}
 
     # -- checkpoints ------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["zopro"] = {
+    # Where the pipeline is (it sets them); checkpointed, so a resumed run knows its phase.
+    iteration: int = 0
+    phase: str = "policy_learning"
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """ZOPrO's part of a checkpoint (``checkpoint["zopro"]``): what an exact resume needs
+        beyond Lightning's own state (weights, optimizer, LR schedule, loop counters, callback
+        and dataloader states). Only tensors and plain types, so it loads with
+        ``weights_only=True``.
+
+        ``fingerprint``: the policy's class and trainable tensor names and shapes;
+        ``seed``: the base of the step seeds; ``max_steps`` of the run (a resume with another
+        one resizes nothing and is warned about); ``policy_updates``, ``skipped_steps``; the
+        sampler's class and state (decay schedule, directions); ``iteration`` and ``phase``;
+        ``reward_model``: the trainable weights of ``reward_fn.model`` when it is an
+        ``nn.Module`` (a refined reward model is not part of the module's ``state_dict``);
+        ``pending``: rollouts of an update still accumulating. The data position is in
+        Lightning's part: the loop counters and, for a
+        :class:`~zopro_lightning.data.resumable.ResumableDataLoader`, the loader's state
+        (``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``), written by
+        saves made during ``fit`` (as ``ModelCheckpoint``'s are).
+        """
+        state: dict[str, Any] = {
+            "fingerprint": model_fingerprint(self.policy),
+            "seed": int(self.hparams.seed),
             "policy_updates": self.policy_updates,
             "skipped_steps": self.skipped_steps,
+            "sampler_class": type(self.sampler).__name__,
             "sampler": self.sampler.state_dict(),
+            "iteration": int(self.iteration),
+            "phase": str(self.phase),
+            "pending": [
+                {f.name: _to_cpu(getattr(r, f.name)) for f in dataclasses.fields(r)}
+                for r in self._pending
+            ],
         }
+        if self._trainer is not None:
+            state["max_steps"] = int(self.trainer.max_steps)
+        reward_model = self._reward_model()
+        if reward_model is not None:
+            state["reward_model"] = {
+                n: p.detach().cpu().clone()
+                for n, p in reward_model.named_parameters()
+                if p.requires_grad
+            }
+        return state
+
+    def _reward_model(self) -> nn.Module | None:
+        model = getattr(self.reward_fn, "model", None)
+        return model if isinstance(model, nn.Module) else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["zopro"] = self.checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_state`. Lightning calls this before it loads the weights;
+        every check runs before anything is changed, so a refused checkpoint leaves the module
+        as it was.
+
+        Raises:
+            ValueError: the checkpoint was not written by a ``ZOPrOModule``, or for another
+                policy (class, trainable names or shapes), another sampler class, or a reward
+                model with other trainable tensors.
+        """
         state = checkpoint.get("zopro")
-        if state is not None:
-            self.policy_updates = int(state["policy_updates"])
-            self.skipped_steps = int(state["skipped_steps"])
-            self.sampler.load_state_dict(state["sampler"])
+        source = self._checkpoint_source()
+        if state is None:
+            raise ValueError(
+                f"Checkpoint {source} was not written by ZOPrOModule (it has no 'zopro' section; "
+                f"top-level keys: {sorted(checkpoint)}). Fix: resume from a checkpoint of a "
+                "ZOPrOModule run, or start without ckpt_path."
+            )
+        if "fingerprint" in state:
+            differences = fingerprint_differences(
+                state["fingerprint"], model_fingerprint(self.policy)
+            )
+            if differences:
+                raise ValueError(
+                    f"Checkpoint {source} belongs to another model than this module's policy: "
+                    + "; ".join(differences)
+                    + ". Fix: build the policy the checkpoint was trained with (same base model, "
+                    "LoRA rank and target modules), or start a new run without ckpt_path (or in "
+                    "another output directory)."
+                )
+        else:
+            log.warning(
+                "checkpoint %s has no model fingerprint (older format): not checked", source
+            )
+        saved_sampler = state.get("sampler_class", type(self.sampler).__name__)
+        if saved_sampler != type(self.sampler).__name__:
+            raise ValueError(
+                f"Checkpoint {source} was written with a {saved_sampler}, this module has a "
+                f"{type(self.sampler).__name__}. Fix: build the module with a {saved_sampler} to "
+                "resume this run."
+            )
+        reward_weights = self._checked_reward_weights(state.get("reward_model"), source)
+
+        # -- all checks passed: restore -----------------------------------------------------
+        if int(state.get("seed", self.hparams.seed)) != int(self.hparams.seed):
+            log.warning(
+                "resuming with the checkpoint's base seed %s instead of seed=%s, so the run "
+                "continues the directions it started with",
+                state["seed"],
+                self.hparams.seed,
+            )
+            self.hparams.seed = int(state["seed"])
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        if max_steps is not None and state.get("max_steps", max_steps) != max_steps:
+            log.warning(
+                "resuming with max_steps=%s from a run started with max_steps=%s: the LR schedule "
+                "and a ZOPrO sampler's linear decay were sized for %s updates, so this is neither "
+                "run continued exactly; resume with the max_steps of the interrupted run",
+                max_steps,
+                state["max_steps"],
+                state["max_steps"],
+            )
+        self.policy_updates = int(state["policy_updates"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.iteration = int(state.get("iteration", 0))
+        self.phase = str(state.get("phase", type(self).phase))
+        self._pending = [Rollout(**fields) for fields in state.get("pending", [])]
+        if reward_weights:
+            reward_model = self._reward_model()
+            assert reward_model is not None
+            parameters = dict(reward_model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in reward_weights.items():
+                    parameters[name].copy_(tensor)
+
+    def _checked_reward_weights(
+        self, weights: Mapping[str, Tensor] | None, source: str
+    ) -> Mapping[str, Tensor] | None:
+        """The checkpoint's reward-model weights, after checking they fit ``reward_fn.model``."""
+        reward_model = self._reward_model()
+        if weights is None:
+            return None
+        if reward_model is None:
+            log.warning(
+                "checkpoint %s holds reward-model weights but this module's reward_fn has no "
+                "`.model`: they are not restored",
+                source,
+            )
+            return None
+        current = {n: list(p.shape) for n, p in reward_model.named_parameters() if p.requires_grad}
+        saved = {"model_class": model_class_name(reward_model)}
+        differences = fingerprint_differences(
+            saved | {"trainable": {n: list(t.shape) for n, t in weights.items()}},
+            saved | {"trainable": current},
+        )
+        if differences:
+            raise ValueError(
+                f"Checkpoint {source} holds a reward model that does not fit this module's "
+                f"reward_fn.model: " + "; ".join(differences) + ". Fix: build the reward model "
+                "the run was started with (same backbone and LoRA layout)."
+            )
+        return weights
+
+    def _checkpoint_source(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return str(path) if path else "(path unknown)"
+
+    def on_train_start(self) -> None:
+        # rollouts restored from a checkpoint mid-accumulation were saved on the CPU
+        self._pending = [
+            dataclasses.replace(
+                r,
+                **{
+                    f.name: getattr(r, f.name).to(self.device)
+                    for f in dataclasses.fields(r)
+                    if isinstance(getattr(r, f.name), Tensor)
+                },
+            )
+            for r in self._pending
+        ]
+
+
+def _to_cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, Tensor) else value

@@ -82,12 +82,18 @@ def completion_logprobs(
         ``[n]`` float32 sequence log-probabilities.
     """
     completion_len = completion_mask.shape[1]
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).logits
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "use_cache": False,
+    }
+    try:  # the LM head over the last T + 1 positions only (transformers' logits_to_keep)
+        logits = model(**inputs, logits_to_keep=completion_len + 1).logits
+    except TypeError as error:  # a model whose forward does not take it
+        if "logits_to_keep" not in str(error):
+            raise
+        logits = model(**inputs).logits
     # the logits at position t predict token t+1: keep those predicting the completion
     logits = logits[:, -completion_len - 1 : -1].float() / temperature
     targets = input_ids[:, -completion_len:]

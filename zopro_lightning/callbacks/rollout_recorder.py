@@ -9,7 +9,8 @@ from lightning import Callback, LightningModule, Trainer
 
 class RolloutRecorder(Callback):
     """After each training batch, stores ``(prompt, first completion)`` of every prompt in the
-    module's ``last_rollout``. ``pop()`` hands them over and starts afresh."""
+    module's ``last_rollout``. ``pop()`` hands them over and starts afresh. The records are part
+    of the callback's checkpoint state."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, str]] = []
@@ -32,3 +33,14 @@ class RolloutRecorder(Callback):
     def pop(self) -> list[tuple[str, str]]:
         records, self.records = self.records, []
         return records
+
+    def state_dict(self) -> dict[str, Any]:
+        """The records not yet handed over (Lightning stores it under ``checkpoint["callbacks"]``,
+        so recorded completions survive a resume). Plain lists of strings: loads with
+        ``weights_only=True``."""
+        return {"records": [[prompt, completion] for prompt, completion in self.records]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = [
+            (str(prompt), str(completion)) for prompt, completion in state_dict["records"]
+        ]

@@ -1,0 +1,186 @@
+"""Two-process DDP worker for ``tests/test_ddp.py`` (not collected: no ``test_`` prefix).
+
+Run as ``python tests/ddp_worker.py OUT_DIR``: Lightning's ``strategy="ddp"`` launcher re-runs
+this script for rank 1, exactly as it would a user's training script. Each rank runs, in one
+process group:
+
+1. a zeroth-order ``ZOPrOModule`` fit (each rank given a *different* seed and a different LoRA
+   start, so agreement can only come from the set-up broadcast and DDP's initial sync), under
+   ``"ddp"``, ``"ddp_find_unused_parameters_true"`` and :class:`ZerothOrderDDPStrategy`;
+2. the same fit with ``optimizer="first_order"`` (AdamW, ``manual_backward``);
+3. a ``RewardModelModule`` fit on pairs shared with :func:`gather_objects`;
+4. :func:`gather_objects` on rank-dependent lists;
+
+and saves what the test compares to ``OUT_DIR/rank{r}.pt``: the trainable tensors after each
+fit, the prompts each rank trained on, and the collectives (profiler op names) issued inside
+every training batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `tests.*`
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.strategies import Strategy  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from zopro_lightning import ZOPrOModule  # noqa: E402
+from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
+from zopro_lightning.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
+from zopro_lightning.models import add_lora, build_tiny_causal_lm  # noqa: E402
+from zopro_lightning.reward_model import PairCollator, RewardModelModule  # noqa: E402
+from zopro_lightning.rewards import HFRewardModel  # noqa: E402
+from zopro_lightning.tokenizer import build_word_tokenizer  # noqa: E402
+
+STEPS = 3
+
+
+class BatchRecorder(L.Callback):
+    """Records each training batch's prompts and the collectives issued while it ran."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.collectives: list[list[str]] = []
+        self._profiler: profile | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if isinstance(batch, list) and all(isinstance(p, str) for p in batch):
+            self.prompts += batch
+        self._profiler = profile(activities=[ProfilerActivity.CPU])
+        self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert self._profiler is not None
+        self._profiler.__exit__(None, None, None)
+        names = [e.name for e in self._profiler.events() if e.name.startswith("c10d::")]
+        self.collectives.append(names)
+        self._profiler = None
+
+
+def trainer(callbacks=(), strategy: str | Strategy = "ddp", **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_great(prompts: list[str], completions: list[str]) -> torch.Tensor:
+    return torch.tensor([c.split().count("great") for c in completions], dtype=torch.float32)
+
+
+def lora_policy(tokenizer, rank: int) -> torch.nn.Module:
+    model = build_tiny_causal_lm(
+        tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+    )
+    policy = add_lora(model, r=4, alpha=8)
+    generator = torch.Generator().manual_seed(100 + rank)  # a different start on every rank
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return policy
+
+
+def policy_fit(
+    tokenizer,
+    prompts,
+    optimizer: str,
+    rank: int,
+    strategy: str | Strategy = "ddp",
+    steps: int = STEPS,
+) -> tuple[dict, L.Trainer]:
+    policy = lora_policy(tokenizer, rank)
+    before = trainable(policy)
+    module = ZOPrOModule(
+        policy,
+        tokenizer,
+        count_great,
+        optimizer=optimizer,
+        k=2,
+        max_new_tokens=4,
+        lr=1e-2,
+        seed=1234 + rank,  # rank 0's seed must win (agreed at fit start)
+    )
+    recorder = BatchRecorder()
+    fit_trainer = trainer([recorder], max_steps=steps, strategy=strategy)
+    fit_trainer.fit(module, DataLoader(prompts, batch_size=2, collate_fn=list))
+    return {
+        "before": before,
+        "after": trainable(policy),
+        "prompts": recorder.prompts,
+        "collectives": recorder.collectives,
+        "policy_updates": module.policy_updates,
+        "grads_allocated": any(p.grad is not None for p in policy.parameters()),
+    }, fit_trainer
+
+
+def reward_fit(tokenizer, task, rank: int, fitted: L.Trainer) -> dict:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+    )
+    torch.manual_seed(rank)  # a different score-head start on every rank
+    classifier = add_lora(LlamaForSequenceClassification(config), r=4, alpha=8, task_type="SEQ_CLS")
+    reward = HFRewardModel(classifier, tokenizer, max_length=64)
+    # each rank "judged" its own pairs; every rank trains on all of them
+    mine = list(task.train_pairs[rank::2])[:8]
+    pairs = gather_objects(mine, fitted)
+    before = trainable(classifier)
+    module = RewardModelModule(reward, lr=1e-2)
+    fit_trainer = trainer(max_epochs=1)
+    fit_trainer.fit(module, DataLoader(pairs, batch_size=4, collate_fn=PairCollator(reward)))
+    return {"before": before, "after": trainable(classifier), "pairs": len(pairs)}
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    task = build_sentiment_task(
+        seed=0, n_train_prompts=16, n_eval_prompts=2, n_sft=8, n_train_pairs=16, n_eval_pairs=2
+    )
+    tokenizer = build_word_tokenizer(task.corpus())
+    prompts = list(task.train_prompts[: 4 * STEPS])
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # set for rank 1 by the launcher; 0: none
+    results: dict = {"rank": rank}
+    results["zeroth_order"], _ = policy_fit(tokenizer, prompts, "zeroth_order", rank)
+    assert torch.distributed.get_rank() == rank
+    results["zeroth_order_find_unused"], _ = policy_fit(
+        tokenizer, prompts, "zeroth_order", rank, "ddp_find_unused_parameters_true", steps=2
+    )
+    results["zeroth_order_lean"], _ = policy_fit(
+        tokenizer, prompts, "zeroth_order", rank, ZerothOrderDDPStrategy(), steps=2
+    )
+    results["first_order"], fitted = policy_fit(tokenizer, prompts, "first_order", rank)
+    results["reward_model"] = reward_fit(tokenizer, task, rank, fitted)
+    # a fitted trainer's strategy still holds the process group
+    results["gathered"] = gather_objects([f"rank{rank}-item{i}" for i in range(rank + 1)], fitted)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

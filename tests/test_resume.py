@@ -1,0 +1,206 @@
+"""Exact resume: a run that crashes mid-epoch and resumes from ``last.ckpt`` ends bit-identical
+to the run that never stopped (weights, sampler, optimizer, counters, data order, records)."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from zopro_lightning import ZOPrOModule
+from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
+from zopro_lightning.checkpointing import AtomicCheckpointIO
+from zopro_lightning.data.resumable import ResumableDataLoader
+from zopro_lightning.samplers import ZOPrOSampler
+
+STEPS = 7  # 8 prompts, batch 2: 4 batches an epoch, so the run ends mid-epoch 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class LengthReward:
+    """A reward model in miniature: words of the completion times a trainable scale."""
+
+    def __init__(self, scale: float) -> None:
+        self.model = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.model.weight.fill_(scale)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        words = torch.tensor([float(len(c.split())) for c in completions])
+        with torch.no_grad():
+            return words * self.model.weight.reshape(())
+
+
+class Crash(L.Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("injected crash")
+
+
+class BatchLog(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(list(batch))
+
+
+def build_module(policy, tokenizer, optimizer: str, reward_scale: float = 0.5) -> ZOPrOModule:
+    """A ZOPrO sampler mid-schedule with directions set, a linear LR schedule, weight decay."""
+    sampler = ZOPrOSampler(decay="linear", total_steps=20)
+    generator = torch.Generator().manual_seed(1)
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    sampler.set_directions(
+        {n: 1e-2 * torch.randn(p.shape, generator=generator) for n, p in trainable.items()},
+        {n: torch.randn(p.shape, generator=generator) for n, p in list(trainable.items())[:2]},
+    )
+    sampler.step()
+    sampler.step()
+    return ZOPrOModule(
+        policy,
+        tokenizer,
+        LengthReward(reward_scale),
+        sampler,
+        optimizer=optimizer,
+        k=2,
+        max_new_tokens=4,
+        lr=1e-2,
+        lr_schedule="linear",
+        weight_decay=0.01,
+        seed=3,
+    )
+
+
+def run(module, prompts, root, callbacks=(), every=3, ckpt_path=None):
+    recorder, batches = RolloutRecorder(), BatchLog()
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            recorder,
+            batches,
+            *callbacks,
+            ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=every),
+        ],
+    )
+    loader = ResumableDataLoader(
+        prompts, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    try:
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+    except RuntimeError as error:
+        if "injected crash" not in str(error):
+            raise
+    return trainer, recorder, batches.batches
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Recursive equality, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "every", "crash_at", "resumed_from"),
+    [
+        ("zeroth_order", 3, 5, 3),  # resume mid-epoch 0, carry on across the epoch boundary
+        ("first_order", 3, 5, 3),
+        ("zeroth_order", 4, 6, 4),  # resume from the checkpoint of an epoch's last batch
+    ],
+)
+def test_crash_and_resume_is_bit_identical(
+    lora_policy, tokenizer, small_task, tmp_path, optimizer, every, crash_at, resumed_from
+):
+    prompts = small_task.train_prompts[:8]
+
+    reference = build_module(copy.deepcopy(lora_policy), tokenizer, optimizer)
+    ref_trainer, ref_recorder, ref_batches = run(reference, prompts, tmp_path / "a", every=every)
+    assert ref_trainer.global_step == STEPS
+
+    crashed = build_module(copy.deepcopy(lora_policy), tokenizer, optimizer)
+    crash_trainer, _, crash_batches = run(
+        crashed, prompts, tmp_path / "b", [Crash(crash_at)], every=every
+    )
+    assert crash_trainer.global_step == crash_at  # it stopped, mid-run
+    assert (tmp_path / "b" / "ckpt" / "last.ckpt").exists()
+
+    # a fresh process would build everything anew; the reward model starts elsewhere
+    resumed = build_module(copy.deepcopy(lora_policy), tokenizer, optimizer, reward_scale=9.0)
+    trainer, recorder, batches = run(
+        resumed, prompts, tmp_path / "b", every=every, ckpt_path="last"
+    )
+
+    assert trainer.global_step == STEPS and resumed.policy_updates == reference.policy_updates
+    assert resumed.skipped_steps == reference.skipped_steps
+    # the data stream continued where the checkpoint left it, not at an epoch start
+    assert crash_batches[:resumed_from] + batches == ref_batches
+    for name, param in reference.trainable_parameters.items():
+        assert torch.equal(param, resumed.trainable_parameters[name]), name
+    assert_same(reference.sampler.state_dict(), resumed.sampler.state_dict(), "sampler")
+    assert_same(
+        ref_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict(), "optimizer"
+    )
+    assert_same(
+        ref_trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        "lr_scheduler",
+    )
+    assert torch.equal(reference.reward_fn.model.weight, resumed.reward_fn.model.weight)
+    assert recorder.records == ref_recorder.records
+
+
+def test_resumable_loader_state_mid_pass_and_after_a_pass():
+    def loader():
+        return ResumableDataLoader(
+            list(range(10)), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(5)
+        )
+
+    reference = loader()
+    stream = [b.tolist() for _ in range(3) for b in reference]
+
+    first = loader()
+    iterator = iter(first)
+    taken = [next(iterator).tolist() for _ in range(2)]
+    state = first.state_dict()
+    assert state["batches"] == 2
+    second = loader()
+    second.load_state_dict(state)
+    rest = [b.tolist() for b in second] + [b.tolist() for _ in range(2) for b in second]
+    assert taken + rest == stream
+
+    third = loader()
+    whole = [b.tolist() for b in third]  # one full pass
+    after = third.state_dict()
+    assert after["batches"] == 0
+    fourth = loader()
+    fourth.load_state_dict(after)
+    assert whole + [b.tolist() for _ in range(2) for b in fourth] == stream
