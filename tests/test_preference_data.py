@@ -106,6 +106,24 @@ def test_malformed_row_names_row_and_column(tmp_path):
         load_preference_dataset(str(path), "jsonl")
 
 
+@pytest.mark.parametrize(
+    "task, rows, missing",
+    [
+        ("hh_rlhf", [{"prompt": "p", "answer": "a"}], "['chosen', 'rejected']"),
+        ("tldr", [{"info": {"post": "p"}, "summaries": []}], "['choice']"),
+        ("wmt20_mlqe", [{"translation": {"en": "a", "de": "b"}, "mean": 1.0}], "['z_mean']"),
+        ("jsonl_prompts", [{"text": "t"}], "['prompt']"),
+    ],
+)
+def test_missing_columns_are_named_with_the_found_ones(tmp_path, task, rows, missing):
+    path = write_jsonl(tmp_path / "wrong.jsonl", rows)
+    with pytest.raises(ValueError) as err:
+        load_preference_dataset(str(path), task)  # type: ignore[arg-type]
+    message = str(err.value)
+    assert f"missing column(s) {missing}" in message and str(path) in message
+    assert f"found columns {sorted(rows[0])}" in message
+
+
 def test_empty_missing_and_unknown_inputs(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")

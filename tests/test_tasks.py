@@ -124,14 +124,19 @@ def test_prompt_length_counted_with_the_given_tokenizer(hh_file):
 
 
 def test_all_filtered_error_is_clear(hh_file):
-    with pytest.raises(ValueError, match="max_prompt_tokens"):
+    with pytest.raises(ValueError, match="max_prompt_tokens") as err:
         build_preference_task(hh_file, "hh_rlhf", max_prompt_tokens=1)
+    message = str(err.value)
+    assert hh_file in message  # the dataset
+    assert "20 rows read, all 20 filtered out" in message  # the counts
+    assert "raise dataset.task.max_prompt_tokens" in message  # the fix
+    assert "prompt_length_mode=truncate" in message
 
 
 def test_empty_file_error_is_clear(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"empty\.jsonl.* is empty: 0 rows read.*Fix: set"):
         build_preference_task(str(empty), "hh_rlhf")
 
 
@@ -198,6 +203,10 @@ def test_chat_template_formats_prompts(hh_file):
     pair = task.train_pairs[0]
     assert pair["prompt"].startswith("<user> question") and pair["prompt"].endswith("<assistant> ")
     assert pair["chosen"].startswith("a kind answer")  # prompt ends in a space: none added
+    # the template-free text of every prompt, for an LLM judge
+    readable = task.readable_prompts[pair["prompt"]]
+    assert readable.startswith("\n\nHuman: question") and readable.endswith("\n\nAssistant:")
+    assert set(task.readable_prompts) == set(task.train_prompts) | set(task.eval_prompts)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")

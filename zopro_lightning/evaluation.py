@@ -1,5 +1,11 @@
-"""Held-out measurements of the pipeline: mean gold reward of the policy's samples on held-out
-prompts, and the reward model's pairwise accuracy on held-out pairs."""
+"""Held-out measurements of the pipeline.
+
+- :func:`mean_gold_reward`: mean reward of the policy's samples on held-out prompts, under a
+  gold reward, or under the reward model itself when the task has no gold reward.
+- :func:`pairwise_accuracy`: the reward model's accuracy on held-out preference pairs.
+- :func:`score_correlations`: Pearson and Spearman correlations (torchmetrics) between the
+  reward model's scores and held-out quality scores (translation: ``z_mean``).
+"""
 
 from __future__ import annotations
 
@@ -48,3 +54,33 @@ def pairwise_accuracy(reward_fn: RewardFn, pairs: Sequence[dict[str, str]]) -> f
     chosen = score_completions(reward_fn, prompts, [p["chosen"] for p in pairs])
     rejected = score_completions(reward_fn, prompts, [p["rejected"] for p in pairs])
     return float((chosen > rejected).float().mean())
+
+
+@torch.no_grad()
+def score_correlations(reward_fn: RewardFn, rows: Sequence[dict]) -> dict[str, float]:
+    """Pearson and Spearman correlation of ``reward_fn(prompt, completion)`` with ``score``.
+
+    Args:
+        reward_fn: the reward model (any reward callable).
+        rows: ``{"prompt", "completion", "score"}`` dicts (the task's held-out scored rows).
+
+    Returns:
+        ``{"pearson": r, "spearman": rho}``; NaN when there are fewer than two rows or either
+        side is constant (a correlation is undefined there).
+    """
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+    if len(rows) < 2:
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    predicted = score_completions(
+        reward_fn, [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    ).double()
+    target = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float64)
+    finite = torch.isfinite(predicted)
+    predicted, target = predicted[finite], target[finite]
+    if len(target) < 2 or predicted.std() == 0 or target.std() == 0:
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    return {
+        "pearson": float(pearson_corrcoef(predicted, target)),
+        "spearman": float(spearman_corrcoef(predicted, target)),
+    }

@@ -191,23 +191,35 @@ class LLMJudge:
     def from_pretrained(
         cls,
         name_or_path: str | Path,
-        dtype: str | torch.dtype = "auto",
+        dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> LLMJudge:
         """Load model and tokenizer with ``AutoModelForCausalLM``/``AutoTokenizer``.
 
-        ``kwargs`` go to :class:`LLMJudge` (``max_new_tokens``, ``template``, ...).
+        Args:
+            name_or_path: hub name (e.g. ``"meta-llama/Llama-3.1-8B-Instruct"``) or a local
+                directory saved with ``save_pretrained``.
+            dtype: ``"auto"`` (the checkpoint's), ``"bf16"``, ``"float32"``, ... or a torch
+                dtype.
+            trust_remote_code: passed to ``from_pretrained`` (off unless set).
+            device: where the judge runs; ``"auto"``: the GPU when there is one, else the CPU;
+                ``None``: where ``from_pretrained`` put it (the CPU).
+            kwargs: go to :class:`LLMJudge` (``max_new_tokens``, ``template``, ...).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from zopro_lightning.models import resolve_dtype
 
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+            str(name_or_path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
         )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device is not None:
             model = model.to(device)
         model.eval()

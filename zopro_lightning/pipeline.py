@@ -9,6 +9,26 @@
 
 :func:`run_pipeline` takes the composed Hydra config; every object in it is built with
 ``hydra.utils.instantiate``. It writes the run directory and returns the summary.
+
+What the task decides (DESIGN.md §4):
+
+- **tokenizer first or task first.** A hub/local model (``model.name_or_path`` set) brings its
+  own tokenizer, built *before* the task and passed as ``task.tokenizer`` when the dataset
+  asks for it (``dataset.pass_tokenizer: true``: chat templates, prompt lengths in tokens).
+  The tiny model (``model=tiny``) gets a word tokenizer built *from* the task's corpus, so the
+  task comes first (the embedded task's path).
+- **reward-model data and loss** by the task's ``kind``: ``"pairs"`` train Bradley–Terry and
+  report held-out pairwise accuracy (``reward_model_accuracy``); ``"scores"`` (translation,
+  ``z_mean``) train MSE regression and report held-out Pearson/Spearman
+  (``reward_model_pearson``/``reward_model_spearman``). Refinement always trains on judged
+  pairs (Bradley–Terry), whatever the kind.
+- **gold evaluation** only when the dataset has a ``gold_reward`` (the embedded task:
+  ``gold_reward_*`` keys). Without one (the published datasets) the summary says so
+  (``gold_evaluation``) and reports the current reward model's mean score of the policy's
+  samples on held-out prompts instead (``policy_reward_*``); ``gold_reward_final`` is then
+  NaN in the returned summary (``null`` in ``summary.json``).
+- **the judge** (``judge=gold|reward_model|llm|file``) is built once, after the reward model;
+  its counters (unparseable answers, inconsistent or missing pairs) go in the summary.
 """
 
 from __future__ import annotations
@@ -31,15 +51,15 @@ from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
-from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy
+from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy, score_correlations
 from zopro_lightning.models import (
     load_sequence_classifier,
     state_difference,
     trainable_state,
 )
 from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.refinement import judged_pairs, keep_close_merge
-from zopro_lightning.reward_model import PairCollator, RewardModelModule
+from zopro_lightning.refinement import ReadablePromptJudge, judged_pairs, keep_close_merge
+from zopro_lightning.reward_model import PairCollator, RewardModelModule, ScoreCollator
 from zopro_lightning.rewards import HFRewardModel
 from zopro_lightning.samplers import GaussianSampler, ZOPrOSampler
 from zopro_lightning.sft import SFTCollator, SFTModule
@@ -64,6 +84,68 @@ def prompt_chunks(prompts: Sequence[str], iterations: int, size: int) -> list[li
     ]
 
 
+JUDGE_COUNTERS = ("n_queries", "n_unparseable", "n_inconsistent", "n_identical", "n_missing")
+
+
+def judge_source(judge_cfg: DictConfig) -> str | None:
+    """What a judge config compares: ``"gold"``, ``"reward_model"`` or ``None`` (the judge
+    needs no reward callable: an LLM, a label file). ``needs_gold: true`` means ``"gold"``."""
+    source = judge_cfg.get("scores_with")
+    if source is None and judge_cfg.get("needs_gold"):
+        source = "gold"
+    if source not in (None, "gold", "reward_model"):
+        raise ValueError(f"judge.scores_with must be gold, reward_model or null, got {source!r}")
+    return source
+
+
+def judge_counters(judge: Any) -> dict[str, int]:
+    """The judge's cumulative counters as ``judge_<counter>`` summary entries (the LLM
+    judge's unparseable answers and inconsistent pairs; the file judge's missing pairs)."""
+    return {
+        f"judge_{name[2:]}": int(getattr(judge, name))
+        for name in JUDGE_COUNTERS
+        if isinstance(getattr(judge, name, None), int)
+    }
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def sft_examples_that_fit(
+    examples: Sequence[tuple[str, str]], tokenizer: Any, max_length: int
+) -> list[tuple[str, str]]:
+    """The SFT examples whose prompt leaves room for completion tokens within ``max_length``
+    (an example with no completion token left has no loss term; a batch of them gives NaN).
+
+    Raises:
+        ValueError: no example fits (the message says which setting to raise).
+    """
+    kept = [
+        (prompt, completion)
+        for prompt, completion in examples
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) < max_length - 1
+    ]
+    if len(kept) < len(examples):
+        log.warning(
+            "SFT: %d of %d examples have prompts of >= sft.max_length=%d tokens; left out",
+            len(examples) - len(kept), len(examples), max_length,
+        )  # fmt: skip
+    if not kept:
+        raise ValueError(
+            f"no SFT example has a prompt shorter than sft.max_length={max_length} tokens; "
+            "raise sft.max_length or lower dataset.task.max_prompt_tokens"
+        )
+    return kept
+
+
 class Pipeline:
     """Holds the run's objects and runs its phases; one method a phase."""
 
@@ -71,10 +153,19 @@ class Pipeline:
         self.cfg = cfg
         self.run_dir = run_dir
         self.logger = instantiate(cfg.logger) if cfg.get("logger") else False
-        self.task = instantiate(cfg.dataset.task)
-        self.gold_reward = instantiate(cfg.dataset.gold_reward)
         self.model_spec = instantiate(cfg.model)
-        self.tokenizer = self.model_spec.tokenizer(self.task.corpus())
+        self.tokenizer, self.task = self.build_task()
+        self.kind: str = getattr(self.task, "kind", "pairs")
+        self.gold_reward = instantiate(cfg.dataset.get("gold_reward"))
+        self.reward_loss = self.resolve_reward_loss()
+        self.judge_source = judge_source(cfg.judge)
+        if self.judge_source == "gold" and self.gold_reward is None:
+            raise ValueError(
+                f"judge={cfg.judge.name} compares gold rewards, but dataset {cfg.dataset.name} "
+                "has no gold_reward; use judge=llm, judge=reward_model or judge=file"
+            )
+        self.eval_key = "gold_reward" if self.gold_reward is not None else "policy_reward"
+        self.judge: Any = None
         self.summary: dict[str, Any] = {
             "task": cfg.dataset.name,
             "sampler": cfg.sampler.name,
@@ -83,8 +174,61 @@ class Pipeline:
             else "first_order_then_zeroth_order",
             "seed": cfg.seed,
         }
+        if self.gold_reward is None:
+            self.summary["gold_evaluation"] = (
+                f"skipped: dataset {cfg.dataset.name} has no gold reward; policy_reward_* are "
+                "the reward model's mean scores of policy samples on held-out prompts"
+            )
+        if hasattr(self.task, "n_filtered"):
+            self.summary["prompts_over_length"] = self.task.n_filtered
+
+    def build_task(self) -> tuple[Any, Any]:
+        """``(tokenizer, task)``: the pretrained tokenizer first (passed to the task when the
+        dataset wants it), or the task first and a word tokenizer over its corpus."""
+        dataset = self.cfg.dataset
+        build = instantiate(dataset.task, _partial_=True)
+        if self.model_spec.tokenizer_name is not None:
+            tokenizer = self.model_spec.tokenizer()
+            task = build(tokenizer=tokenizer) if dataset.get("pass_tokenizer") else build()
+            return tokenizer, task
+        task = build()
+        return self.model_spec.tokenizer(task.corpus()), task
+
+    def resolve_reward_loss(self) -> str:
+        """``reward_model.loss`` (``auto``: by the task's kind), checked against the data."""
+        wanted = {"pairs": "bradley_terry", "scores": "mse"}[self.kind]
+        loss = self.cfg.reward_model.get("loss", "auto") or "auto"
+        if loss not in ("auto", wanted):
+            raise ValueError(
+                f"reward_model.loss={loss} does not fit dataset {self.cfg.dataset.name}, whose "
+                f"data are {self.kind}; use reward_model.loss={wanted} (or auto)"
+            )
+        return wanted
+
+    def build_judge(self, reward: HFRewardModel) -> Any:
+        """The refinement judge of ``cfg.judge``; a reward-comparing judge gets its scorer
+        (the gold reward, or the current reward model, refined in place)."""
+        scorer = {"gold": self.gold_reward, "reward_model": reward}.get(self.judge_source)
+        if scorer is not None:
+            return instantiate(self.cfg.judge.judge, reward_fn=scorer)
+        return instantiate(self.cfg.judge.judge)
 
     # -- helpers --------------------------------------------------------------------------
+    def device(self) -> torch.device:
+        """Where generation and scoring run between Lightning phases: the GPU when the trainer
+        uses one (Lightning moves a module back to the CPU at the end of every ``fit``)."""
+        accelerator = str(self.cfg.trainer.get("accelerator", "cpu"))
+        if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def to_device(self, *models: torch.nn.Module) -> None:
+        """Move ``models`` to :meth:`device` (nothing moves on a CPU run)."""
+        device = self.device()
+        for model in models:
+            if next(model.parameters()).device != device:
+                model.to(device)
+
     def trainer(self, callbacks: Sequence[L.Callback] = (), **kwargs) -> L.Trainer:
         """A Lightning Trainer for one phase, from the ``trainer`` config group."""
         factory: Callable[..., L.Trainer] = instantiate(self.cfg.trainer, _partial_=True)
@@ -114,7 +258,10 @@ class Pipeline:
         base = self.model_spec.causal_lm(self.tokenizer)
         model = self.model_spec.with_lora(base)
         module = SFTModule(model, lr=cfg.lr)
-        loader = self.loader(self.task.sft_examples, cfg.batch_size, SFTCollator(self.tokenizer))
+        max_length = cfg.get("max_length") or 128
+        examples = sft_examples_that_fit(self.task.sft_examples, self.tokenizer, max_length)
+        collator = SFTCollator(self.tokenizer, max_length=max_length)
+        loader = self.loader(examples, cfg.batch_size, collator)
         self.trainer(max_epochs=cfg.epochs).fit(module, loader)
         merged = model.merge_and_unload()
         merged.save_pretrained(self.run_dir / "sft")
@@ -142,47 +289,72 @@ class Pipeline:
             )
         else:
             classifier = load_sequence_classifier(
-                self.run_dir / "sft", pad_token_id=self.tokenizer.pad_token_id
+                self.run_dir / "sft",
+                pad_token_id=self.tokenizer.pad_token_id,
+                dtype=self.model_spec.dtype,
             )
             classifier = self.model_spec.with_lora(classifier, task_type="SEQ_CLS")
             reward = HFRewardModel(classifier, self.tokenizer, max_length=cfg.max_length)
-        self.fit_reward_model(reward, self.task.train_pairs, epochs=cfg.epochs, lr=cfg.lr)
+        data = self.task.train_scored if self.kind == "scores" else self.task.train_pairs
+        self.fit_reward_model(reward, data, epochs=cfg.epochs, lr=cfg.lr, loss=self.reward_loss)
         return reward
 
     def fit_reward_model(
-        self, reward: HFRewardModel, pairs: Sequence[dict], epochs: int, lr: float
+        self, reward: HFRewardModel, rows: Sequence[dict], epochs: int, lr: float, loss: str
     ) -> None:
-        module = RewardModelModule(reward, loss=self.cfg.reward_model.loss, lr=lr)
-        loader = self.loader(pairs, self.cfg.reward_model.batch_size, PairCollator(reward))
+        """First-order training on pairs (``bradley_terry``) or scored rows (``mse``)."""
+        module = RewardModelModule(reward, loss=loss, lr=lr)
+        collate = ScoreCollator(reward) if loss == "mse" else PairCollator(reward)
+        loader = self.loader(rows, self.cfg.reward_model.batch_size, collate)
         self.trainer(max_epochs=epochs).fit(module, loader)
         reward.model.eval()
+        self.to_device(reward.model)
+
+    def reward_model_quality(self, reward: HFRewardModel, suffix: str = "") -> None:
+        """Held-out accuracy (pairs) or Pearson/Spearman (scores) into the summary."""
+        limit = self.cfg.eval.get("max_pairs")
+        if self.kind == "scores":
+            rows = self.task.eval_scored[:limit] if limit else self.task.eval_scored
+            for name, value in score_correlations(reward, rows).items():
+                self.summary[f"reward_model_{name}{suffix}"] = value
+        else:
+            pairs = self.task.eval_pairs[:limit] if limit else self.task.eval_pairs
+            self.summary[f"reward_model_accuracy{suffix}"] = pairwise_accuracy(reward, pairs)
 
     def refine(
         self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list[tuple[str, str]]
-    ) -> dict[str, float]:
-        """Judge stored vs fresh completions, train the reward model on the judged pairs."""
+    ) -> dict[str, int]:
+        """Judge stored vs fresh completions, train the reward model on the judged pairs
+        (Bradley–Terry, whatever the task's kind)."""
         cfg = self.cfg.loop.refine
-        judge = (
-            instantiate(self.cfg.judge.judge, reward_fn=self.gold_reward)
-            if self.cfg.judge.get("needs_gold")
-            else instantiate(self.cfg.judge.judge)
-        )
+        if self.judge is None:
+            self.judge = self.build_judge(reward)
+        self.to_device(policy_module.policy)
+        judge = self.judge
+        readable = getattr(self.task, "readable_prompts", None)
+        if self.cfg.judge.get("readable_prompts") and readable:
+            judge = ReadablePromptJudge(judge, readable)
         pairs = judged_pairs(policy_module, judge, records)
         before = trainable_state(reward.model)
         if pairs:
-            self.fit_reward_model(reward, pairs, epochs=cfg.epochs, lr=cfg.lr)
+            self.fit_reward_model(reward, pairs, epochs=cfg.epochs, lr=cfg.lr, loss="bradley_terry")
         if cfg.keep_close_alpha is not None:
             keep_close_merge(reward.model, before, cfg.keep_close_alpha)
-        return {"pairs": len(pairs), "judged": len(records)}
+        return {"pairs": len(pairs), "judged": len(records), "dropped": len(records) - len(pairs)}
 
     def evaluate(self, policy: torch.nn.Module) -> float:
+        """Mean gold reward of the policy's samples on held-out prompts; without a gold
+        reward, the mean score the current reward model gives them."""
         config = self.policy_module.rollout_config  # the training sampling settings
         config.k = self.cfg.eval.samples_per_prompt
+        limit = self.cfg.eval.get("max_prompts")
+        prompts = self.task.eval_prompts[:limit] if limit else self.task.eval_prompts
+        self.to_device(policy)
         return mean_gold_reward(
             policy,
             self.tokenizer,
-            self.task.eval_prompts,
-            self.gold_reward,
+            prompts,
+            self.gold_reward if self.gold_reward is not None else self.policy_module.reward_fn,
             config,
             seed=self.cfg.seed + 10_000,
         )
@@ -193,9 +365,7 @@ class Pipeline:
         cfg = self.cfg
         sft_model = self.supervised_fine_tuning()
         reward = self.reward_model()
-        self.summary["reward_model_accuracy_initial"] = pairwise_accuracy(
-            reward, self.task.eval_pairs
-        )
+        self.reward_model_quality(reward, suffix="_initial")
         policy = self.model_spec.with_lora(sft_model)
         sampler = instantiate(cfg.sampler.sampler)
         iterations = cfg.loop.iterations
@@ -211,7 +381,8 @@ class Pipeline:
             seed=cfg.seed,
             **OmegaConf.to_container(cfg.policy, resolve=True),
         )
-        self.summary["gold_reward_initial"] = self.evaluate(policy)
+        key = self.eval_key
+        self.summary[f"{key}_initial"] = self.evaluate(policy)
         chunks = prompt_chunks(self.task.train_prompts, iterations, steps * cfg.loop.batch_size)
         recorder = RolloutRecorder()
         interplay = cfg.interplay
@@ -245,10 +416,13 @@ class Pipeline:
             )
             policy_steps += steps
             mu = state_difference(trainable_state(policy), theta_before)
-            gold = self.evaluate(policy)
-            self.summary.setdefault("gold_reward_per_iteration", []).append(gold)
+            measured = self.evaluate(policy)
+            self.summary.setdefault(f"{key}_per_iteration", []).append(measured)
+            self.summary.setdefault("optimizer_per_iteration", []).append(
+                self.policy_module.hparams.optimizer
+            )
             if first_order:
-                self.summary["gold_reward_after_first_order"] = gold
+                self.summary[f"{key}_after_first_order"] = measured
             phi_before = trainable_state(reward.model)
             refinement = self.refine(reward, self.policy_module, recorder.pop())
             v = state_difference(trainable_state(reward.model), phi_before)
@@ -259,13 +433,17 @@ class Pipeline:
             matched = sampler.set_directions(mu, v) if isinstance(sampler, ZOPrOSampler) else 0
             log.info("iteration %d: %s, %d tensors matched", t, refinement, matched)
             self.summary.setdefault("refinement_pairs", []).append(refinement["pairs"])
+            self.summary.setdefault("refinement_dropped", []).append(refinement["dropped"])
             self.summary["matched_tensors"] = matched
             self.save_adapters(t, policy, reward)
+        self.summary[f"{key}_final"] = self.summary[f"{key}_per_iteration"][-1]
+        if key != "gold_reward":
+            self.summary["gold_reward_final"] = math.nan  # no gold reward (see gold_evaluation)
+        self.reward_model_quality(reward)
+        self.summary.update(judge_counters(self.judge))
         self.summary.update(
             {
                 "policy_steps": policy_steps,
-                "gold_reward_final": self.summary["gold_reward_per_iteration"][-1],
-                "reward_model_accuracy": pairwise_accuracy(reward, self.task.eval_pairs),
                 "kl_final": self.policy_module.last_rollout.metrics["kl"],
                 "skipped_steps": self.policy_module.skipped_steps,
                 "wall_seconds": time.perf_counter() - start,
@@ -298,9 +476,10 @@ class Pipeline:
         reward.model.save_pretrained(root / "reward_model")
 
     def write_summary(self) -> None:
+        """``summary.json`` (written atomically; non-finite numbers as ``null``)."""
         path = self.run_dir / "summary.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2, default=float))
+        tmp.write_text(json.dumps(finite_or_null(self.summary), indent=2, default=float))
         os.replace(tmp, path)
 
 
@@ -310,7 +489,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cfg.get("num_threads") or 64)))
-    summary = Pipeline(cfg, run_dir).run()
-    if not math.isfinite(summary["gold_reward_final"]):
-        log.warning("gold_reward_final is not finite")
+    pipeline = Pipeline(cfg, run_dir)
+    summary = pipeline.run()
+    final = f"{pipeline.eval_key}_final"
+    if not math.isfinite(summary[final]):
+        log.warning("%s is not finite", final)
     return summary

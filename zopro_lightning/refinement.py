@@ -52,6 +52,24 @@ def judged_pairs(module, judge: Judge, records: Sequence[tuple[str, str]]) -> li
     return pairs
 
 
+class ReadablePromptJudge:
+    """Hands ``judge`` readable prompts instead of the policy's formatted ones.
+
+    A chat prompt formatted with the policy's chat template carries its special tokens
+    (``<|start_header_id|>``, ``<|eot_id|>``, ...); inside an LLM judge's question they would be
+    read as the judge's own control tokens. ``readable`` maps each formatted prompt to its
+    template-free text (:attr:`~zopro_lightning.data.tasks.PreferenceTask.readable_prompts`);
+    prompts it does not know pass unchanged. The judged pairs keep the formatted prompts.
+    """
+
+    def __init__(self, judge: Judge, readable: Mapping[str, str]) -> None:
+        self.judge = judge
+        self.readable = readable
+
+    def __call__(self, prompts: list[str], first: list[str], second: list[str]) -> Tensor:
+        return self.judge([self.readable.get(p, p) for p in prompts], first, second)
+
+
 @torch.no_grad()
 def keep_close_merge(model: nn.Module, previous: Mapping[str, Tensor], alpha: float) -> None:
     """``phi <- alpha * phi_prev + (1 - alpha) * phi`` on the trainable tensors, in place."""

@@ -55,6 +55,15 @@ EXTRACTORS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
 }
 CHAT_TASKS = frozenset({"hh_rlhf", "jsonl", "jsonl_prompts"})
 
+# Top-level columns each schema needs (DESIGN.md §4); checked before any row is extracted.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "hh_rlhf": ("chosen", "rejected"),
+    "tldr": ("info", "summaries", "choice"),
+    "wmt20_mlqe": ("translation", "z_mean"),
+    "jsonl": ("chosen", "rejected"),
+    "jsonl_prompts": ("prompt",),
+}
+
 # Hub configs to use when none is given (the published setup's subsets).
 DEFAULT_CONFIGS: dict[str, str] = {"tldr": "comparisons", "wmt20_mlqe": "en-de"}
 
@@ -142,7 +151,10 @@ def load_preference_dataset(
         if not path.is_file():
             raise FileNotFoundError(f"no {builder} file at {str(path)!r} (task {task!r})")
         if builder == "json" and _is_blank(path):
-            raise ValueError(f"{str(path)!r} is empty: it has no rows for task {task!r}")
+            raise ValueError(
+                f"dataset {str(path)!r} is empty: 0 rows read for task {task!r}. Fix: set "
+                "dataset.task.name_or_path to a file with rows of the task's schema"
+            )
         split_name = split.split("[", 1)[0]
         rows = datasets.load_dataset(builder, data_files={split_name: str(path)}, split=split)
     else:
@@ -156,6 +168,7 @@ def load_preference_dataset(
                 ".parquet file with the same schema instead."
             ) from err
 
+    check_columns(getattr(rows, "column_names", None), task, name_or_path)
     extract = EXTRACTORS[task]
     records = []
     for i, row in enumerate(rows):
@@ -165,9 +178,33 @@ def load_preference_dataset(
             raise ValueError(f"{name_or_path} (split {split!r}), row {i}: {err}") from err
     if not records:
         raise ValueError(
-            f"{name_or_path} (split {split!r}) has no rows; check the path, split and config"
+            f"dataset {name_or_path} (split {split!r}) is empty: 0 rows read. Fix: check "
+            "dataset.task.name_or_path, dataset.task.split and dataset.task.config"
         )
     return records
+
+
+def check_columns(found: Sequence[str] | None, task: Task, name_or_path: str) -> None:
+    """Raise when the dataset lacks a column the task's schema needs.
+
+    Args:
+        found: the dataset's column names (``None``: unknown, nothing is checked).
+        task: the task whose schema applies (:data:`REQUIRED_COLUMNS`).
+        name_or_path: the dataset, for the message.
+
+    Raises:
+        ValueError: naming the missing columns, the columns found, and the fix.
+    """
+    if found is None:
+        return
+    missing = [column for column in REQUIRED_COLUMNS[task] if column not in found]
+    if missing:
+        raise ValueError(
+            f"{name_or_path}: missing column(s) {missing} needed by task {task!r}; found "
+            f"columns {sorted(found)}. Rename the columns to the task's schema (DESIGN.md §4) "
+            "or pick the dataset config whose schema the file has (dataset=hh_rlhf|tldr|"
+            "wmt20_mlqe|jsonl)"
+        )
 
 
 # --------------------------------------------------------------------------- prompts

@@ -66,6 +66,9 @@ class PreferenceTask:
         eval_scored: the same on eval prompts (held-out Pearson/Spearman).
         n_filtered: rows dropped or truncated by the ``max_prompt_tokens`` bound.
         task: the extractor's name (``"hh_rlhf"``, ``"tldr"``, ``"wmt20_mlqe"``, ``"jsonl"``).
+        readable_prompts: each formatted prompt -> the same prompt rendered without a chat
+            template (HH text ``"\n\nHuman: ...\n\nAssistant:"``, the post, the source):
+            what an LLM judge is shown, free of the policy tokenizer's special tokens.
     """
 
     train_prompts: list[str]
@@ -78,6 +81,7 @@ class PreferenceTask:
     eval_scored: list[dict[str, Any]] = field(default_factory=list)
     n_filtered: int = 0
     task: str = ""
+    readable_prompts: dict[str, str] = field(default_factory=dict)
 
     def corpus(self) -> list[str]:
         """Every prompt and completion of the task (what a tokenizer built from data must
@@ -199,10 +203,24 @@ def build_preference_task(
     n_filtered = 0
     if max_prompt_tokens is not None:
         counter = tokenizer if tokenizer is not None else _WhitespaceCounter()
-        records, n_filtered = filter_by_prompt_length(
-            records, counter, max_prompt_tokens, mode=prompt_length_mode, task=task
-        )
         unit = "tokens" if tokenizer is not None else "words"
+        try:
+            records, n_filtered = filter_by_prompt_length(
+                records, counter, max_prompt_tokens, mode=prompt_length_mode, task=task
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"dataset {name_or_path} (task {task!r}): {n_read} rows read, all {n_read} "
+                f"filtered out: every prompt is over max_prompt_tokens={max_prompt_tokens} "
+                f"{unit} (prompt_length_mode={prompt_length_mode!r}). Fix: raise "
+                "dataset.task.max_prompt_tokens (or set it to null)"
+                + (
+                    ", or use dataset.task.prompt_length_mode=truncate"
+                    if prompt_length_mode == "drop"
+                    else ""
+                )
+                + "."
+            ) from err
         log.info(
             "%s: %d of %d rows had prompts over %d %s (%s)",
             name_or_path, n_filtered, n_read, max_prompt_tokens, unit,
@@ -210,8 +228,10 @@ def build_preference_task(
         )  # fmt: skip
 
     rows = []
+    readable: dict[str, str] = {}
     for record in records:
         prompt = format_prompt(record, task, tokenizer)
+        readable[prompt] = format_prompt(record, task, None)
         row = {"prompt": prompt}
         if task in SCORE_TASKS:
             row["completion"] = _continuation(prompt, record["completion"])
@@ -250,6 +270,7 @@ def build_preference_task(
         eval_scored=[] if pairs else held_out,
         n_filtered=n_filtered,
         task=task,
+        readable_prompts=readable,
     )
     log.info(
         "%s (%s): %d train / %d eval prompts, %d / %d rows, %d SFT examples",
