@@ -58,6 +58,11 @@ def prepare_start(workdir: Path, seed: int) -> Path:
         "eval": list(pipeline.task.eval_prompts),
         "lora": {"r": cfg.model.lora.r, "alpha": cfg.model.lora.alpha},
     }
+    from zopro_lightning.models import build_tiny_causal_lm
+
+    full = build_tiny_causal_lm(pipeline.tokenizer, max_position_embeddings=128, **FULL_MODEL)
+    full.save_pretrained(start / "full")  # random weights: the full-parameter setting
+    pipeline.tokenizer.save_pretrained(start / "full")
     (start / "prompts.json").write_text(json.dumps(prompts))
     return start
 
@@ -80,15 +85,10 @@ def build_policy(setting: str, start: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zopro_lightning.models import build_tiny_causal_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(start / "sft")
-    if setting == "lora":
-        model = AutoModelForCausalLM.from_pretrained(start / "sft", dtype=torch.float32)
-    else:
-        torch.manual_seed(0)
-        model = build_tiny_causal_lm(tokenizer, max_position_embeddings=128, **FULL_MODEL)
-    return model, tokenizer
+    path = start / ("sft" if setting == "lora" else "full")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
 def run_ours(
@@ -205,7 +205,8 @@ def run_trl(setting: str, start: Path, steps: int, batch: int, k: int, seed: int
     )
     prompts = meta["train"][: steps * batch]
     trainer = RLOOTrainer(
-        model=model,
+        # full-parameter with beta > 0: TRL loads its reference copy from the model's path
+        model=model if setting == "lora" else str(start / "full"),
         reward_funcs=vader_reward,
         args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts}),

@@ -3,7 +3,8 @@ first-order step, on the same model and batch (the rollout itself excluded).
 
 Each measurement runs in its own subprocess so that peak memory is that operation's alone:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
-(``ru_maxrss``), reported in total and above the baseline after model and batch were built.
+(``VmHWM``: unlike ``ru_maxrss``, not inherited from the parent), reported in total and
+above the baseline after model and batch were built.
 
     python bench/step_cost.py                      # CPU, both sizes, LoRA and full-parameter
     python bench/step_cost.py --device cuda --sizes small,medium,large
@@ -30,6 +31,14 @@ SIZES = {  # hidden, layers, heads, intermediate, vocab
     "large": (1024, 16, 16, 4096, 32000),
 }
 OPERATIONS = ("forward", "zeroth_order", "first_order")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mb() -> float:
@@ -127,10 +136,7 @@ def worker(
         run_once()
         sync()
         times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
     return {
         "size": size,
         "mode": mode,

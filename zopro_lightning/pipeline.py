@@ -71,6 +71,13 @@ def peak_memory_mb() -> float:
     """Peak resident memory of this process (CPU), or peak CUDA allocation when on a GPU."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
+    try:  # VmHWM: this process's own peak (ru_maxrss also counts a parent's, after exec)
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

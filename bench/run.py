@@ -1,0 +1,64 @@
+"""The benchmark suite in one command: each part writes its JSON under ``bench/results/``, then
+``bench/report.py`` rewrites the README's benchmark section from those files.
+
+    python bench/run.py --quick      # a few minutes: one seed, few updates, smallest sizes
+    python bench/run.py              # the full suite (about an hour on a 2-core CPU)
+    python bench/run.py --parts convergence,peer_trl
+    python bench/run.py --device cuda   # on a GPU machine: step cost at GPU sizes
+
+Parts: ``convergence`` (ZOPrO vs Gaussian vs Rademacher vs first-order, 3 seeds), ``peer_trl``
+(TRL's RLOOTrainer on the same work), ``step_cost`` (ZO step vs forward vs FO step),
+``communication`` (bytes per update under 2-process DDP). Needs ``pip install -e ".[bench]"``
+for ``peer_trl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+QUICK = {
+    "convergence": ["--quick"],
+    "peer_trl": ["--quick"],
+    "step_cost": ["--sizes", "small", "--repeats", "2"],
+    "communication": ["--sizes", "tiny", "--steps", "2"],
+}
+FULL = {
+    "convergence": [],
+    "peer_trl": [],
+    "step_cost": ["--sizes", "small,medium"],
+    "communication": [],
+}
+GPU = {"step_cost": ["--device", "cuda", "--sizes", "medium,large", "--batch", "64"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default=None, help="comma list (default: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args(argv)
+    plan = GPU if args.device == "cuda" else (QUICK if args.quick else FULL)
+    parts = args.parts.split(",") if args.parts else list(plan)
+    unknown = sorted(set(parts) - set(plan))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {sorted(plan)}")
+    for part in parts:
+        command = [sys.executable, str(HERE / f"{part}.py"), *plan[part]]
+        print(f"== {part}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        print(f"== {part}: {time.perf_counter() - start:.0f} s", flush=True)
+    if not args.quick:
+        subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
+    else:
+        print("quick mode: results written, README left as it is (python bench/report.py)")
+
+
+if __name__ == "__main__":
+    main()
