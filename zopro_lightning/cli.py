@@ -7,6 +7,7 @@ Composes ``conf/`` (defaults: the embedded sentiment task on one CPU) and runs t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -31,11 +32,14 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 def train(cfg: DictConfig) -> float:
     from zopro_lightning.pipeline import run_pipeline
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # resume=RUN_DIR goes on in that directory (this invocation's Hydra directory keeps its log)
+    run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
     summary = run_pipeline(cfg, run_dir)
     print_summary(summary, run_dir)
     print(json.dumps({"summary": str(run_dir / "summary.json")}))
-    return float(summary["gold_reward_final"])
+    # the sweep objective: the gold reward, or the reward model's score where there is no gold
+    final = summary.get("gold_reward_final", math.nan)
+    return float(final if math.isfinite(final) else summary.get("policy_reward_final", math.nan))
 
 
 if __name__ == "__main__":

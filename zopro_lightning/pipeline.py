@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
+from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable
+from zopro_lightning.data.resumable import ResumableDataLoader
+from zopro_lightning.distributed import gather_objects, is_multi_process
 from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy, score_correlations
 from zopro_lightning.models import (
     load_sequence_classifier,
@@ -61,8 +65,16 @@ from zopro_lightning.module import ZOPrOModule
 from zopro_lightning.refinement import ReadablePromptJudge, judged_pairs, keep_close_merge
 from zopro_lightning.reward_model import PairCollator, RewardModelModule, ScoreCollator
 from zopro_lightning.rewards import HFRewardModel
+from zopro_lightning.run_state import (
+    check_same_config,
+    last_finished_iteration,
+    load_state,
+    save_run_config,
+    save_state,
+)
 from zopro_lightning.samplers import GaussianSampler, ZOPrOSampler
 from zopro_lightning.sft import SFTCollator, SFTModule
+from zopro_lightning.spsa import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +165,38 @@ def sft_examples_that_fit(
     return kept
 
 
+def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
+    """The ``callbacks`` config group: one Lightning callback per named entry with a
+    ``_target_`` (an entry set to null is switched off)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors into ``model`` (by name; every one must exist)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(
+            f"resume: the saved state has tensors this model lacks ({missing[:3]}...); the run "
+            "directory belongs to another model configuration."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
 class Pipeline:
     """Holds the run's objects and runs its phases; one method a phase."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg = cfg
-        self.run_dir = run_dir
+        self.run_dir = ensure_writable(run_dir)  # a bad output dir fails before any work
+        self.resuming = bool(cfg.get("resume"))
+        if self.resuming:
+            check_same_config(self.run_dir, cfg)
+        self.last_trainer: L.Trainer | None = None  # the latest phase's (DDP: its strategy)
         self.logger = instantiate(cfg.logger) if cfg.get("logger") else False
         self.model_spec = instantiate(cfg.model)
         self.tokenizer, self.task = self.build_task()
@@ -239,18 +277,36 @@ class Pipeline:
     def trainer(self, callbacks: Sequence[L.Callback] = (), **kwargs) -> L.Trainer:
         """A Lightning Trainer for one phase, from the ``trainer`` config group."""
         factory: Callable[..., L.Trainer] = instantiate(self.cfg.trainer, _partial_=True)
-        return factory(
+        options = {"enable_checkpointing": False, "enable_model_summary": False} | kwargs
+        trainer = factory(
             logger=self.logger,
             callbacks=list(callbacks),
-            enable_checkpointing=False,
-            enable_model_summary=False,
             default_root_dir=str(self.run_dir),
-            **kwargs,
+            **options,
         )
+        self.last_trainer = trainer
+        return trainer
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process writes the run's files (rank 0 under DDP; always on one)."""
+        return self.last_trainer is None or self.last_trainer.is_global_zero
+
+    def barrier(self) -> None:
+        """Wait for every rank (after rank 0 wrote something the others read)."""
+        if self.last_trainer is not None and is_multi_process(self.last_trainer):
+            self.last_trainer.strategy.barrier()
+
+    def seed_phase(self, phase: str, iteration: int = 0) -> None:
+        """Seed the global RNGs from ``(seed, phase, iteration)`` at the start of each phase, so
+        a phase's randomness (LoRA inits, fresh completions for refinement) does not depend on
+        what ran before it in this process: a resumed run repeats it exactly."""
+        L.seed_everything(derive_seed(self.cfg.seed, phase, iteration) % 2**32, verbose=False)
 
     def loader(self, items: Sequence, batch_size: int, collate=None, shuffle=True) -> DataLoader:
+        """A shuffled (seeded) loader whose position Lightning checkpoints and restores."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(
+        return ResumableDataLoader(
             list(items),
             batch_size=batch_size,
             shuffle=shuffle,
@@ -260,8 +316,16 @@ class Pipeline:
 
     # -- phases ---------------------------------------------------------------------------
     def supervised_fine_tuning(self) -> torch.nn.Module:
-        """SFT with LoRA, merged into the base: the reference policy of everything after."""
+        """SFT with LoRA, merged into the base: the reference policy of everything after.
+        Resuming, the merged model of ``RUN_DIR/sft`` is loaded instead."""
         cfg = self.cfg.sft
+        target = self.run_dir / "sft"
+        if self.resuming and (target / "config.json").exists():
+            from zopro_lightning.models import load_causal_lm
+
+            log.info("resume: SFT policy from %s", target)
+            return load_causal_lm(target, dtype=self.model_spec.dtype)
+        self.seed_phase("sft")
         base = self.model_spec.causal_lm(self.tokenizer)
         model = self.model_spec.with_lora(base)
         module = SFTModule(model, lr=cfg.lr)
@@ -271,12 +335,26 @@ class Pipeline:
         loader = self.loader(examples, cfg.batch_size, collator)
         self.trainer(max_epochs=cfg.epochs).fit(module, loader)
         merged = model.merge_and_unload()
-        merged.save_pretrained(self.run_dir / "sft")
-        self.tokenizer.save_pretrained(self.run_dir / "sft")
+        if self.is_global_zero:  # complete in a temporary directory, then one rename
+            partial = self.run_dir / "sft.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            merged.save_pretrained(partial)
+            self.tokenizer.save_pretrained(partial)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        self.barrier()  # the reward model reads RUN_DIR/sft on every rank
         return merged
 
     def reward_model(self) -> HFRewardModel:
-        """The reward model r_0, trained on the task's pairs.
+        """The reward model r_0, trained on the task's pairs (or scored rows)."""
+        reward = self.build_reward_model()
+        cfg = self.cfg.reward_model
+        data = self.task.train_scored if self.kind == "scores" else self.task.train_pairs
+        self.fit_reward_model(reward, data, epochs=cfg.epochs, lr=cfg.lr, loss=self.reward_loss)
+        return reward
+
+    def build_reward_model(self) -> HFRewardModel:
+        """The untrained reward model.
 
         ``reward_model.backbone: null``: built from the SFT weights with the policy's LoRA
         layout, so the ZOPrO sampler matches policy and reward tensors by name. Otherwise any
@@ -302,8 +380,6 @@ class Pipeline:
             )
             classifier = self.model_spec.with_lora(classifier, task_type="SEQ_CLS")
             reward = HFRewardModel(classifier, self.tokenizer, max_length=cfg.max_length)
-        data = self.task.train_scored if self.kind == "scores" else self.task.train_pairs
-        self.fit_reward_model(reward, data, epochs=cfg.epochs, lr=cfg.lr, loss=self.reward_loss)
         return reward
 
     def fit_reward_model(
@@ -336,18 +412,25 @@ class Pipeline:
         cfg = self.cfg.loop.refine
         if self.judge is None:
             self.judge = self.build_judge(reward)
+            for name, count in getattr(self, "judge_counts", {}).items():
+                setattr(self.judge, name, count)  # resumed: the counts so far
         self.to_device(policy_module.policy)
         judge = self.judge
         readable = getattr(self.task, "readable_prompts", None)
         if self.cfg.judge.get("readable_prompts") and readable:
             judge = ReadablePromptJudge(judge, readable)
-        pairs = judged_pairs(policy_module, judge, records)
+        pairs = judged_pairs(policy_module, judge, records)  # this rank's share of the chunk
+        if self.last_trainer is not None:  # DDP: every rank trains on every rank's pairs
+            judged = sum(gather_objects([len(records)], self.last_trainer))
+            pairs = gather_objects(pairs, self.last_trainer)
+        else:
+            judged = len(records)
         before = trainable_state(reward.model)
         if pairs:
             self.fit_reward_model(reward, pairs, epochs=cfg.epochs, lr=cfg.lr, loss="bradley_terry")
         if cfg.keep_close_alpha is not None:
             keep_close_merge(reward.model, before, cfg.keep_close_alpha)
-        return {"pairs": len(pairs), "judged": len(records), "dropped": len(records) - len(pairs)}
+        return {"pairs": len(pairs), "judged": judged, "dropped": judged - len(pairs)}
 
     def evaluate(self, policy: torch.nn.Module) -> float:
         """Mean gold reward of the policy's samples on held-out prompts; without a gold
@@ -370,9 +453,20 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         cfg = self.cfg
+        if not self.resuming and self.is_global_zero:
+            save_run_config(self.run_dir, cfg)
         sft_model = self.supervised_fine_tuning()
-        reward = self.reward_model()
-        self.reward_model_quality(reward, suffix="_initial")
+        self.seed_phase("reward_model")
+        started = load_state(self.run_dir, "start") if self.resuming else None
+        if started is None:
+            reward = self.reward_model()
+            self.reward_model_quality(reward, suffix="_initial")
+        else:
+            reward = self.build_reward_model()
+            load_trainable(reward.model, started["reward"])
+            self.summary = started["summary"]
+        self.to_device(reward.model)
+        self.seed_phase("policy")
         policy = self.model_spec.with_lora(sft_model)
         sampler = instantiate(cfg.sampler.sampler)
         iterations = cfg.loop.iterations
@@ -389,7 +483,10 @@ class Pipeline:
             **OmegaConf.to_container(cfg.policy, resolve=True),
         )
         key = self.eval_key
-        self.summary[f"{key}_initial"] = self.evaluate(policy)
+        if started is None:
+            self.summary[f"{key}_initial"] = self.evaluate(policy)
+            self.save_state("start", {"reward": trainable_state(reward.model)})
+        first = self.restore_iteration(policy, reward, sampler) if self.resuming else 0
         chunks = prompt_chunks(self.task.train_prompts, iterations, steps * cfg.loop.batch_size)
         recorder = RolloutRecorder()
         interplay = cfg.interplay
@@ -398,14 +495,14 @@ class Pipeline:
             if interplay.snapshots
             else None
         )
-        callbacks: list[L.Callback] = [recorder]
+        callbacks: list[L.Callback] = [recorder, *instantiate_callbacks(cfg.get("callbacks"))]
         if snapshots is not None:
-            snapshots.save_reward(reward.model, step=0, iteration=0)  # r_0
+            if started is None:
+                snapshots.save_reward(reward.model, step=0, iteration=0)  # r_0
             callbacks.append(snapshots)
         if interplay.update_cosines:
             callbacks.append(UpdateCosines())
-        policy_steps = 0
-        for t, chunk in enumerate(chunks):
+        for t in range(first, iterations):
             first_order = t == 0 and cfg.loop.first_order_first
             self.policy_module.set_optimizer(
                 "first_order" if first_order else "zeroth_order",
@@ -415,13 +512,12 @@ class Pipeline:
             self.policy_module.sampler = (
                 GaussianSampler() if t == 0 and not first_order else sampler
             )
+            self.policy_module.iteration, self.policy_module.phase = t, "policy_learning"
             theta_before = trainable_state(policy)
             if snapshots is not None:
                 snapshots.iteration = t
-            self.trainer(callbacks=callbacks, max_steps=steps, max_epochs=-1).fit(
-                self.policy_module, self.loader(chunk, cfg.loop.batch_size)
-            )
-            policy_steps += steps
+            self.seed_phase("policy_learning", t)
+            self.learn_policy(t, chunks[t], callbacks)
             mu = state_difference(trainable_state(policy), theta_before)
             measured = self.evaluate(policy)
             self.summary.setdefault(f"{key}_per_iteration", []).append(measured)
@@ -431,6 +527,7 @@ class Pipeline:
             if first_order:
                 self.summary[f"{key}_after_first_order"] = measured
             phi_before = trainable_state(reward.model)
+            self.seed_phase("refinement", t)
             refinement = self.refine(reward, self.policy_module, recorder.pop())
             v = state_difference(trainable_state(reward.model), phi_before)
             if snapshots is not None:
@@ -443,23 +540,97 @@ class Pipeline:
             self.summary.setdefault("refinement_dropped", []).append(refinement["dropped"])
             self.summary["matched_tensors"] = matched
             self.save_adapters(t, policy, reward)
+            self.save_iteration(t, policy, reward, sampler)
         self.summary[f"{key}_final"] = self.summary[f"{key}_per_iteration"][-1]
         if key != "gold_reward":
             self.summary["gold_reward_final"] = math.nan  # no gold reward (see gold_evaluation)
         self.reward_model_quality(reward)
-        self.summary.update(judge_counters(self.judge))
+        if self.judge is not None:
+            self.summary.update(judge_counters(self.judge))
+        last = self.policy_module.last_rollout
         self.summary.update(
             {
-                "policy_steps": policy_steps,
-                "kl_final": self.policy_module.last_rollout.metrics["kl"],
+                "policy_steps": iterations * steps,
+                "kl_final": last.metrics["kl"]
+                if last is not None
+                else self.summary.get("kl_final"),
                 "skipped_steps": self.policy_module.skipped_steps,
                 "wall_seconds": time.perf_counter() - start,
                 "peak_memory_mb": peak_memory_mb(),
             }
         )
+        if self.resuming:
+            self.summary["resumed"] = True
         self.write_summary()
         self.interplay_plots()
         return self.summary
+
+    # -- policy learning with checkpoints and resume --------------------------------------
+    def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
+        """Policy learning of iteration ``t`` on its chunk of prompts, one Lightning ``fit``.
+
+        With ``loop.checkpoint_every: N``, a checkpoint (``last.ckpt``, written atomically) is
+        kept every N updates; a resumed run restarts the iteration from it with
+        ``ckpt_path``, so it ends bit-identical to an uninterrupted one on CPU.
+        """
+        cfg = self.cfg.loop
+        directory = self.run_dir / "checkpoints" / f"iteration_{t}"
+        options: dict[str, Any] = {"max_steps": cfg.steps_per_iteration, "max_epochs": -1}
+        every = cfg.get("checkpoint_every")
+        phase_callbacks = list(callbacks)
+        if every:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            phase_callbacks.append(
+                ModelCheckpoint(
+                    dirpath=directory, save_last=True, save_top_k=0, every_n_train_steps=every
+                )
+            )
+            options |= {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
+        last = directory / "last.ckpt"
+        ckpt_path = str(last) if self.resuming and last.exists() else None
+        if ckpt_path:
+            log.info("resume: iteration %d from %s", t, last)
+        trainer = self.trainer(callbacks=phase_callbacks, **options)
+        trainer.fit(self.policy_module, self.loader(prompts, cfg.batch_size), ckpt_path=ckpt_path)
+
+    def save_state(self, name: str, payload: dict[str, Any]) -> None:
+        if self.is_global_zero:
+            save_state(self.run_dir, name, payload | {"summary": self.summary})
+
+    def save_iteration(self, t: int, policy, reward: HFRewardModel, sampler) -> None:
+        """The state after iteration ``t``; the iteration's mid-way checkpoints then go."""
+        judge = {name: getattr(self.judge, name, None) for name in JUDGE_COUNTERS}
+        self.save_state(
+            f"iteration_{t}",
+            {
+                "iteration": t,
+                "policy": trainable_state(policy),
+                "reward": trainable_state(reward.model),
+                "sampler": sampler.state_dict(),
+                "policy_updates": self.policy_module.policy_updates,
+                "skipped_steps": self.policy_module.skipped_steps,
+                "judge": {k: v for k, v in judge.items() if isinstance(v, int)},
+            },
+        )
+        if self.is_global_zero:
+            shutil.rmtree(self.run_dir / "checkpoints" / f"iteration_{t}", ignore_errors=True)
+
+    def restore_iteration(self, policy, reward: HFRewardModel, sampler) -> int:
+        """Load the state after the last finished iteration; returns the next iteration."""
+        t = last_finished_iteration(self.run_dir)
+        if t is None:
+            return 0
+        state = load_state(self.run_dir, f"iteration_{t}")
+        log.info("resume: after iteration %d", t)
+        load_trainable(policy, state["policy"])
+        load_trainable(reward.model, state["reward"])
+        sampler.load_state_dict(state["sampler"])
+        self.policy_module.policy_updates = int(state["policy_updates"])
+        self.policy_module.skipped_steps = int(state["skipped_steps"])
+        self.summary = state["summary"]
+        self.judge_counts = dict(state["judge"])
+        return t + 1
 
     def interplay_plots(self) -> None:
         """``zopro-viz`` on this run when asked (``interplay.plots_at_end``; ``null`` means
@@ -478,12 +649,16 @@ class Pipeline:
             self.logger.log_image("interplay", [str(path) for path in images])
 
     def save_adapters(self, iteration: int, policy, reward: HFRewardModel) -> None:
+        if not self.is_global_zero:
+            return
         root = self.run_dir / "adapters" / f"iteration_{iteration}"
         policy.save_pretrained(root / "policy")
         reward.model.save_pretrained(root / "reward_model")
 
     def write_summary(self) -> None:
         """``summary.json`` (written atomically; non-finite numbers as ``null``)."""
+        if not self.is_global_zero:
+            return
         path = self.run_dir / "summary.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(finite_or_null(self.summary), indent=2, default=float))

@@ -1,0 +1,110 @@
+"""A pipeline run killed inside an iteration and resumed with ``resume=RUN_DIR`` ends exactly
+where the uninterrupted run ends; a resume with another config, or an unwritable output
+directory, is refused before any training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from zopro_lightning.checkpointing import CheckpointIOError
+from zopro_lightning.module import ZOPrOModule
+from zopro_lightning.pipeline import Pipeline, run_pipeline
+from zopro_lightning.run_state import load_state
+
+from .test_cli import SMALL
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RESUMABLE = [
+    *SMALL,
+    "loop.iterations=3",
+    "loop.steps_per_iteration=4",
+    "loop.checkpoint_every=1",
+    "interplay.snapshots=false",
+    "num_threads=1",
+]
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["~logger", *RESUMABLE, *overrides])
+
+
+class Killed(RuntimeError):
+    """Stands for the job being killed."""
+
+
+@pytest.mark.slow
+def test_run_killed_mid_iteration_resumes_to_bit_identical_weights(tmp_path, monkeypatch):
+    uninterrupted = run_pipeline(config(), tmp_path / "a")
+
+    original = ZOPrOModule.training_step
+
+    def killed_at_update_6(self, batch, batch_idx):  # iteration 1, after two of its updates
+        if self.policy_updates == 6:
+            raise Killed("killed")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ZOPrOModule, "training_step", killed_at_update_6)
+    with pytest.raises(Killed):
+        run_pipeline(config(), tmp_path / "b")
+    assert (tmp_path / "b/checkpoints/iteration_1/last.ckpt").exists()
+    assert not (tmp_path / "b/state/iteration_1.pt").exists()
+
+    updates_made = []
+
+    def counted(self, batch, batch_idx):
+        updates_made.append(self.policy_updates)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ZOPrOModule, "training_step", counted)
+    resumed = run_pipeline(config(f"resume={tmp_path / 'b'}"), tmp_path / "b")
+    # from the checkpoint inside iteration 1: updates 6..11 only (SFT, r_0, iteration 0 and
+    # the first half of iteration 1 are not redone)
+    assert updates_made == list(range(6, 12))
+
+    final_a = load_state(tmp_path / "a", "iteration_2")
+    final_b = load_state(tmp_path / "b", "iteration_2")
+    for part in ("policy", "reward"):
+        assert final_a[part].keys() == final_b[part].keys()
+        for name, tensor in final_a[part].items():
+            assert torch.equal(tensor, final_b[part][name]), (part, name)
+    assert final_a["sampler"]["decay"] == final_b["sampler"]["decay"]
+    assert final_b["policy_updates"] == final_a["policy_updates"] == 12
+    for key in ("gold_reward_initial", "gold_reward_per_iteration", "refinement_pairs"):
+        assert resumed[key] == uninterrupted[key], key
+    assert resumed["resumed"] is True
+    assert not (tmp_path / "b/checkpoints/iteration_1").exists()  # superseded by the state
+    summary = json.loads((tmp_path / "b/summary.json").read_text())
+    assert summary["gold_reward_final"] == uninterrupted["gold_reward_final"]
+
+
+@pytest.mark.slow
+def test_resume_with_another_config_is_refused_before_training(tmp_path):
+    run_pipeline(config("loop.iterations=1", "loop.steps_per_iteration=1"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"loop.zeroth_order_lr: 0.005 -> 0.1"):
+        Pipeline(
+            config(
+                "loop.iterations=1",
+                "loop.steps_per_iteration=1",
+                "loop.zeroth_order_lr=0.1",
+                f"resume={tmp_path / 'run'}",
+            ),
+            tmp_path / "run",
+        )
+
+
+def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a zopro-train run directory"):
+        Pipeline(config(f"resume={tmp_path}"), tmp_path)
+
+
+def test_unwritable_output_directory_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointIOError, match="not writable"):
+        Pipeline(config(), blocker / "run")

@@ -1,0 +1,125 @@
+"""What a pipeline run keeps between its phases, so ``zopro-train resume=RUN_DIR`` can go on.
+
+A run directory holds, besides its outputs:
+
+- ``run_config.yaml``: the composed config the run started with. A resume must use the same one
+  (apart from ``resume`` and ``num_threads``); :func:`check_same_config` names any difference.
+- ``sft/``: the merged SFT policy, moved into place in one rename once complete.
+- ``state/start.pt``: the trained reward model r_0 and the summary so far.
+- ``state/iteration_<t>.pt``: after iteration ``t`` (policy learning and refinement): the
+  trainable tensors of policy and reward model, the sampler's state, the update counters, the
+  judge's counters and the summary so far.
+- ``checkpoints/iteration_<t>/last.ckpt``: the Lightning checkpoint inside iteration ``t``
+  (written every ``loop.checkpoint_every`` updates, removed once ``iteration_<t>.pt`` exists).
+
+Every file is written to a temporary name, fsynced and renamed, so a crash leaves the previous
+state whole. Everything loads with ``torch.load(weights_only=True)``: tensors, numbers, strings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+STATE_DIR = "state"
+RUN_CONFIG = "run_config.yaml"
+IGNORED_KEYS = ("resume", "num_threads")  # may differ between a run and its resume
+
+
+def state_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / STATE_DIR / f"{name}.pt"
+
+
+def save_state(run_dir: Path, name: str, payload: dict[str, Any]) -> Path:
+    """``payload`` to ``state/<name>.pt``, atomically (temporary file, fsync, rename)."""
+    path = state_path(run_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """``state/<name>.pt`` (``weights_only=True``), or ``None`` when it was never written."""
+    path = state_path(run_dir, name)
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def last_finished_iteration(run_dir: Path) -> int | None:
+    """The highest ``t`` with ``state/iteration_<t>.pt``, or ``None``."""
+    directory = Path(run_dir) / STATE_DIR
+    found = [
+        int(match.group(1))
+        for path in directory.glob("iteration_*.pt")
+        if (match := re.fullmatch(r"iteration_(\d+)\.pt", path.name))
+    ]
+    return max(found) if found else None
+
+
+def comparable(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data, without the keys a resume may change."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+    for key in IGNORED_KEYS:
+        data.pop(key, None)
+    data.pop("hydra", None)
+    return data
+
+
+def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
+    path = Path(run_dir) / RUN_CONFIG
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(comparable(cfg))))
+    os.replace(tmp, path)
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where ``old`` and ``new`` differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                found.append(
+                    f"{path}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+                )
+            else:
+                found += differences(old[key], new[key], path)
+        return found
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to resume ``run_dir`` with a config other than the one it started with.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a zopro-train run directory.
+        ValueError: the configs differ (the keys and both values are listed).
+    """
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(
+            f"resume={run_dir}: no {RUN_CONFIG} there, so it is not a zopro-train run directory "
+            "(or it stopped before its first phase). Pass the directory a run printed as its "
+            "run directory, or drop resume= to start afresh."
+        )
+    old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    changed = differences(old, comparable(cfg))
+    if changed:
+        raise ValueError(
+            f"resume={run_dir}: the config differs from the one the run started with, so the "
+            "resumed run would not continue it:\n  "
+            + "\n  ".join(changed[:20])
+            + "\nResume with the same overrides (only resume= and num_threads= may change), "
+            "or start a new run."
+        )
