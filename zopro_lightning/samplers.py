@@ -64,6 +64,16 @@ class PerturbationSampler(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+def isotropic_factor(mu: Mapping[str, Tensor]) -> float:
+    """``sqrt(sum_n numel_n) / sqrt(sum_n ||mu_n||^2)`` over the usable (finite, non-zero)
+    ``mu_n``: the one factor that gives the targeted direction a Gaussian draw's norm."""
+    usable = [t for t in mu.values() if torch.isfinite(t.norm()) and t.norm() > 0]
+    if not usable:
+        return 1.0
+    squared = sum(float(t.double().pow(2).sum()) for t in usable)
+    return math.sqrt(sum(t.numel() for t in usable) / squared)
+
+
 def _standard_normal(param: Tensor, generator: torch.Generator) -> Tensor:
     """``N(0, I)`` draw in float32 on the parameter's device (float32 keeps low-precision
     models' directions identical to full-precision ones)."""
@@ -121,10 +131,12 @@ class ZOPrOSampler:
     above). Then the effective perturbation is ``eps * ||mu||`` and the effective step
     ``lr * ||mu||^2``: both shrink with the previous update, and once an iteration moves little,
     ``eps z`` falls under float resolution and ``g`` becomes exactly 0 (seen on the embedded
-    task). ``scale="isotropic"`` rescales the same direction to ``||z_n|| = sqrt(numel_n)``, the
-    norm a Gaussian draw has on average: ``eps`` and ``lr`` then mean what they mean for MeZO,
-    and samplers compare at equal settings. The direction (and every orthogonality property)
-    is unchanged.
+    task). ``scale="isotropic"`` multiplies every tensor's ``z_n`` by one factor,
+    ``c = sqrt(sum_n numel_n) / ||mu||`` (over the tensors that have a ``mu_n``), so the whole
+    direction has about the norm a Gaussian draw has, ``sqrt(numel)``: ``eps`` and ``lr`` then
+    mean what they mean for MeZO, and samplers compare at equal settings. One factor for all
+    tensors keeps the direction itself, across tensors too (at ``d = 1``, ``z`` is parallel to
+    ``mu``), and every orthogonality property.
 
     Fallbacks, so the direction is never zero: no reward counterpart (or ``v_n = 0``): no
     projection; no ``mu_n`` (first iteration) or ``mu_n = 0``: plain ``xi`` (MeZO).
@@ -173,6 +185,7 @@ class ZOPrOSampler:
         self.num_steps = 0
         self._mu: dict[str, Tensor] = {}
         self._v_hat: dict[str, Tensor] = {}
+        self._global_scale = 1.0
         self.matched_tensors = 0
 
     # -- directions ---------------------------------------------------------------------------
@@ -210,6 +223,7 @@ class ZOPrOSampler:
                 v_hat[name] = flat / norm
         self._mu = mu
         self._v_hat = v_hat
+        self._global_scale = isotropic_factor(mu)
         self.matched_tensors = sum(1 for n in mu if n in v_hat)
         return self.matched_tensors
 
@@ -234,7 +248,7 @@ class ZOPrOSampler:
         d = self.decay
         z = d * mu + math.sqrt(max(0.0, 1.0 - d * d)) * xi_tilde
         if self.scale == "isotropic":
-            z = z * (math.sqrt(z.numel()) / (z.norm() + 1e-12))
+            z = z * self._global_scale
         return z.view_as(param).to(param.dtype)
 
     # -- schedule -----------------------------------------------------------------------------
@@ -268,6 +282,7 @@ class ZOPrOSampler:
         self.total_steps = state["total_steps"]
         self._mu = {n: t.clone() for n, t in state["mu"].items()}
         self._v_hat = {n: t.clone() for n, t in state["v_hat"].items()}
+        self._global_scale = isotropic_factor(self._mu)
         self.matched_tensors = int(state["matched_tensors"])
 
     def __repr__(self) -> str:
