@@ -21,7 +21,12 @@ COLUMNS = (
     "gold_reward_initial",
     "gold_reward_after_first_order",
     "gold_reward_final",
+    "policy_reward_initial",  # datasets without a gold reward: the reward model's scores
+    "policy_reward_after_first_order",
+    "policy_reward_final",
     "reward_model_accuracy",
+    "reward_model_pearson",  # score data (translation)
+    "reward_model_spearman",
     "kl_final",
     "wall_seconds",
     "peak_memory_mb",
@@ -55,6 +60,8 @@ def gather(sweep_dir: str | Path) -> list[dict]:
         }
         row.update({key: summary.get(key) for key in COLUMNS})
         rows.append(row)
+    empty = [key for key in COLUMNS if all(row.get(key) is None for row in rows)]
+    rows = [{k: v for k, v in row.items() if k not in empty} for row in rows]
     return sorted(rows, key=lambda row: row["overrides"])
 
 
