@@ -29,7 +29,8 @@ def load(name: str) -> dict | None:
 
 def origin(result: dict, name: str, command: str) -> str:
     when = result["date"][:10]
-    return f"`{command}` → `bench/results/{name}.json` ({result['device']}, {when})"
+    device = result.get("device") or result.get("machine", "?")
+    return f"`{command}` → `bench/results/{name}.json` ({device}, {when})"
 
 
 def step_cost_section() -> list[str]:
@@ -129,16 +130,21 @@ def communication_section() -> list[str]:
     result = load("communication")
     if result is None:
         return []
-    rows = result.get("rows") or result.get("measurements") or []
     lines = [
-        "**Communication under 2-process DDP** (gloo, CPU): "
+        f"**Communication under {result['world_size']}-process DDP** ({result['backend']}, "
+        "bytes each rank hands to the all-reduces per policy update): "
         + origin(result, "communication", "python bench/communication.py"),
         "",
-        "```json",
-        json.dumps(result.get("summary", rows), indent=1)[:3000],
-        "```",
-        "",
+        "| model | trainable | zeroth-order B / update | first-order B / update | ratio |",
+        "|---|---|---|---|---|",
     ]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['size']}, {r['mode']} | {r['params_trainable']:,} | "
+            f"{r['zeroth_order_bytes_per_update']:.0f} | {r['first_order_bytes_per_update']:,.0f} "
+            f"| {r['first_over_zeroth']:,.0f} |"
+        )
+    lines.append("")
     return lines
 
 
