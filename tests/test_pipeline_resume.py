@@ -103,7 +103,7 @@ def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path):
         Pipeline(config(f"resume={tmp_path}"), tmp_path)
 
 
-def test_unwritable_output_directory_fails_before_any_work(tmp_path):
+def test_pipeline_with_an_unwritable_run_directory_fails_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(CheckpointIOError, match="not writable"):

@@ -47,6 +47,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -103,6 +104,21 @@ def prompt_chunks(prompts: Sequence[str], iterations: int, size: int) -> list[li
     ]
 
 
+def batch_size_per_rank(batch_size: int, world_size: int) -> int:
+    """Prompts each of ``world_size`` DDP ranks takes per policy update: ``loop.batch_size``
+    stays the prompts of one update (and a chunk is gone through once), split over the ranks.
+
+    Raises:
+        ValueError: ``batch_size`` is not a multiple of ``world_size``.
+    """
+    if batch_size % world_size:
+        raise ValueError(
+            f"loop.batch_size={batch_size} prompts per update do not split evenly over "
+            f"{world_size} DDP processes; use a multiple of {world_size}"
+        )
+    return batch_size // world_size
+
+
 JUDGE_COUNTERS = ("n_queries", "n_unparseable", "n_inconsistent", "n_identical", "n_missing")
 
 
@@ -120,8 +136,13 @@ def judge_source(judge_cfg: DictConfig) -> str | None:
 def judge_counters(judge: Any) -> dict[str, int]:
     """The judge's cumulative counters as ``judge_<counter>`` summary entries (the LLM
     judge's unparseable answers and inconsistent pairs; the file judge's missing pairs)."""
+    return {f"judge_{name[2:]}": count for name, count in judge_counts(judge).items()}
+
+
+def judge_counts(judge: Any) -> dict[str, int]:
+    """The judge's counters of :data:`JUDGE_COUNTERS` it has, by attribute name."""
     return {
-        f"judge_{name[2:]}": int(getattr(judge, name))
+        name: int(getattr(judge, name))
         for name in JUDGE_COUNTERS
         if isinstance(getattr(judge, name, None), int)
     }
@@ -289,8 +310,12 @@ class Pipeline:
 
     @property
     def is_global_zero(self) -> bool:
-        """Whether this process writes the run's files (rank 0 under DDP; always on one)."""
-        return self.last_trainer is None or self.last_trainer.is_global_zero
+        """Whether this process writes the run's files (rank 0 under DDP; always on one).
+        Before the first trainer: Lightning's rank from the environment (``LOCAL_RANK`` of a
+        process its DDP launcher started, ``RANK`` under torchrun)."""
+        if self.last_trainer is None:
+            return rank_zero_only.rank == 0
+        return self.last_trainer.is_global_zero
 
     def barrier(self) -> None:
         """Wait for every rank (after rank 0 wrote something the others read)."""
@@ -419,9 +444,13 @@ class Pipeline:
         readable = getattr(self.task, "readable_prompts", None)
         if self.cfg.judge.get("readable_prompts") and readable:
             judge = ReadablePromptJudge(judge, readable)
+        counts_before = judge_counts(self.judge)  # totals over ranks so far
         pairs = judged_pairs(policy_module, judge, records)  # this rank's share of the chunk
         if self.last_trainer is not None:  # DDP: every rank trains on every rank's pairs
-            judged = sum(gather_objects([len(records)], self.last_trainer))
+            shares = gather_objects([(len(records), judge_counts(self.judge))], self.last_trainer)
+            judged = sum(n for n, _ in shares)
+            for name, count in counts_before.items():  # the judge's counters: totals again
+                setattr(self.judge, name, count + sum(c[name] - count for _, c in shares))
             pairs = gather_objects(pairs, self.last_trainer)
         else:
             judged = len(records)
@@ -572,6 +601,10 @@ class Pipeline:
         With ``loop.checkpoint_every: N``, a checkpoint (``last.ckpt``, written atomically) is
         kept every N updates; a resumed run restarts the iteration from it with
         ``ckpt_path``, so it ends bit-identical to an uninterrupted one on CPU.
+
+        Under DDP the distributed sampler shards the chunk: each of the N ranks takes
+        ``loop.batch_size / N`` prompts per update, so an update still sees ``loop.batch_size``
+        prompts and the chunk is gone through once, as on one process.
         """
         cfg = self.cfg.loop
         directory = self.run_dir / "checkpoints" / f"iteration_{t}"
@@ -592,7 +625,8 @@ class Pipeline:
         if ckpt_path:
             log.info("resume: iteration %d from %s", t, last)
         trainer = self.trainer(callbacks=phase_callbacks, **options)
-        trainer.fit(self.policy_module, self.loader(prompts, cfg.batch_size), ckpt_path=ckpt_path)
+        loader = self.loader(prompts, batch_size_per_rank(cfg.batch_size, trainer.world_size))
+        trainer.fit(self.policy_module, loader, ckpt_path=ckpt_path)
 
     def save_state(self, name: str, payload: dict[str, Any]) -> None:
         if self.is_global_zero:
@@ -640,6 +674,8 @@ class Pipeline:
         wandb = isinstance(self.logger, WandbLogger)
         wanted = self.cfg.interplay.plots_at_end
         if not (wanted or (wanted is None and wandb)) or not self.cfg.interplay.snapshots:
+            return
+        if not self.is_global_zero:  # DDP: rank 0 alone writes RUN_DIR/plots
             return
         from zopro_lightning.interplay.cli import main as zopro_viz
 

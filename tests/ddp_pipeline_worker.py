@@ -1,0 +1,170 @@
+"""Two-process DDP run of the whole pipeline, for ``tests/test_ddp_pipeline.py`` (not collected:
+no ``test_`` prefix).
+
+Run as ``python tests/ddp_pipeline_worker.py OUT_DIR``: the composed config asks for
+``trainer.devices=2 +trainer.strategy=ddp`` on the CPU (gloo), so the first phase's ``fit``
+(SFT) re-runs this script for rank 1, exactly as ``zopro-train`` would be re-run. Both ranks
+then go through :func:`~zopro_lightning.pipeline.run_pipeline` (SFT, reward model, two
+iterations of policy learning and refinement) into ``OUT_DIR/run``, and each saves what the
+test compares to ``OUT_DIR/rank_<r>.pt``:
+
+- ``policy`` / ``reward``: the final trainable tensors (``trainable_state``), and ``sft``: the
+  policy's trainable tensors at the start of policy learning (the LoRA start on the SFT model);
+- ``refinements``: per refinement, what this rank judged (``records``, ``pairs``: its own share
+  of the chunk), what :meth:`Pipeline.refine` returned, and the pairs the reward model was
+  trained on (the judge counts the pairs it is asked about: ``judge_queries``);
+- ``written``: the run-directory paths this rank wrote (every atomic rename, ``os.replace``,
+  and every adapter save, ``PeftModel.save_pretrained``), relative to the run directory;
+- ``summary``: what ``run_pipeline`` returned on this rank; ``rank`` / ``world_size``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from peft import PeftModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `tests.*`
+
+from tests.test_cli import SMALL  # noqa: E402
+from zopro_lightning import pipeline as pipeline_module  # noqa: E402
+from zopro_lightning.models import trainable_state  # noqa: E402
+from zopro_lightning.module import ZOPrOModule  # noqa: E402
+from zopro_lightning.rewards import HFRewardModel  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OVERRIDES = [
+    "~logger",
+    *SMALL,
+    "loop.iterations=2",
+    "loop.steps_per_iteration=2",
+    "interplay.snapshots=false",
+    "num_threads=1",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "+trainer.strategy=ddp",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+class CountingJudge:
+    """The configured judge, counting the pairs it is asked about in ``n_queries`` (a counter
+    the summary reports as ``judge_queries``, as it does the LLM judge's)."""
+
+    def __init__(self, judge: Any) -> None:
+        self.judge = judge
+        self.n_queries = 0
+
+    def __call__(self, prompts: list[str], first: list[str], second: list[str]) -> Any:
+        self.n_queries += len(prompts)
+        return self.judge(prompts, first, second)
+
+
+class RecordingPipeline(pipeline_module.Pipeline):
+    """The pipeline, keeping its policy-learning start and what each refinement judged and
+    trained on; the last one built is :attr:`instance`."""
+
+    instance: RecordingPipeline | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refinements: list[dict[str, Any]] = []
+        self.policy_start: dict[str, torch.Tensor] | None = None
+        RecordingPipeline.instance = self
+
+    def build_judge(self, reward: HFRewardModel) -> CountingJudge:
+        return CountingJudge(super().build_judge(reward))
+
+    def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
+        if self.policy_start is None:
+            self.policy_start = trainable_state(self.policy_module.policy)
+        super().learn_policy(t, prompts, callbacks)
+
+    def refine(
+        self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list[tuple[str, str]]
+    ) -> dict[str, int]:
+        entry: dict[str, Any] = {"records": len(records), "prompts": [p for p, _ in records]}
+        self.refinements.append(entry)
+        judged_pairs = pipeline_module.judged_pairs
+
+        def counted(module: ZOPrOModule, judge: Any, records_: list) -> list[dict[str, str]]:
+            pairs = judged_pairs(module, judge, records_)  # this rank's own judged pairs
+            entry["pairs"] = len(pairs)
+            return pairs
+
+        fit_reward_model = self.fit_reward_model
+
+        def recorded(reward_: HFRewardModel, rows: Sequence[dict], **kwargs: Any) -> None:
+            entry["trained_on"] = list(rows)  # what the reward model is refined on
+            fit_reward_model(reward_, rows, **kwargs)
+
+        pipeline_module.judged_pairs = counted
+        self.fit_reward_model = recorded
+        try:
+            entry["returned"] = super().refine(reward, policy_module, records)
+        finally:
+            pipeline_module.judged_pairs = judged_pairs
+            del self.fit_reward_model
+        return entry["returned"]
+
+
+def record_writes(run_dir: Path, written: list[str]) -> None:
+    """Patch ``os.replace`` and ``PeftModel.save_pretrained`` to note, in ``written``, every
+    path under ``run_dir`` they write (the pipeline's atomic files and adapters)."""
+
+    def note(path: Any) -> None:
+        path = Path(path).absolute()
+        if path.is_relative_to(run_dir):
+            written.append(str(path.relative_to(run_dir)))
+
+    def replace(src: Any, dst: Any, *args: Any, _replace: Callable = os.replace, **kw: Any):
+        note(dst)
+        return _replace(src, dst, *args, **kw)
+
+    def save_pretrained(self, directory: Any, *args: Any, _save=PeftModel.save_pretrained, **kw):
+        note(directory)
+        return _save(self, directory, *args, **kw)
+
+    os.replace = replace
+    PeftModel.save_pretrained = save_pretrained
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir).absolute()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=OVERRIDES)
+    written: list[str] = []
+    record_writes(out / "run", written)
+    pipeline_module.Pipeline = RecordingPipeline  # run_pipeline builds this one
+    summary = pipeline_module.run_pipeline(cfg, out / "run")
+    pipeline = RecordingPipeline.instance
+    assert pipeline is not None
+    trainer = pipeline.last_trainer
+    assert trainer is not None and torch.distributed.is_initialized()
+    rank = trainer.global_rank
+    assert rank == torch.distributed.get_rank()
+    torch.save(
+        {
+            "rank": rank,
+            "world_size": trainer.world_size,
+            "policy": trainable_state(pipeline.policy_module.policy),
+            "reward": trainable_state(pipeline.policy_module.reward_fn.model),
+            "sft": pipeline.policy_start,
+            "refinements": pipeline.refinements,
+            "written": written,
+            "summary": summary,
+        },
+        out / f"rank_{rank}.pt",
+    )
+    torch.distributed.barrier()  # rank 0 exits (and the test reads) once both files exist
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
