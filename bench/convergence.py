@@ -3,7 +3,7 @@ for ZOPrO's targeted sampler, the isotropic Gaussian sampler (MeZO), Rademacher,
 first-order RLOO, all from the same start.
 
 The start, per seed (``zopro-train``'s defaults, through the pipeline's own phases): SFT, the
-reward model r_0, first-order iteration 0 (``loop.steps_per_iteration`` updates), then one
+reward model r_0, first-order iteration 0 (``loop.first_order_steps`` updates), then one
 reward refinement. That yields the policy update ``mu`` and the reward update ``v`` that
 ZOPrO's sampler needs. From that state each method runs ``--steps`` policy updates against the
 refined reward model (no further refinement, so all methods see the same reward), on the same
@@ -92,7 +92,7 @@ class Start:
             **OmegaConf.to_container(cfg.policy, resolve=True),
         )
         pipeline.policy_module = module
-        steps, batch = cfg.loop.steps_per_iteration, cfg.loop.batch_size
+        steps, batch = pipeline.steps_of(0), cfg.loop.batch_size  # first-order iteration 0
         prompts = list(pipeline.task.train_prompts)
         self.prompts = lambda start, count: [
             prompts[(start + i) % len(prompts)] for i in range(count)

@@ -35,13 +35,17 @@ def origin(result: dict, name: str, command: str) -> str:
 
 def step_cost_section() -> list[str]:
     lines = []
-    for device in ("cpu", "cuda"):
-        result = load(f"step_cost_{device}")
-        if result is None:
-            continue
+    for path in sorted(RESULTS.glob("step_cost_*.json")):
+        name = path.stem
+        result = load(name)
+        command = "python bench/step_cost.py" + (
+            f" --batch {result['batch_sequences']} --seq {result['sequence_tokens']}"
+            if result["batch_sequences"] != 16
+            else ""
+        )
         lines += [
-            f"**SPSA step cost, {device.upper()}**: "
-            + origin(result, f"step_cost_{device}", "python bench/step_cost.py")
+            f"**SPSA step cost** (`{name}`): "
+            + origin(result, name, command)
             + f"; {result['batch_sequences']} sequences × {result['sequence_tokens']} tokens; "
             "ratios to one inference forward of the same batch, measured in one run.",
             "",
@@ -88,6 +92,26 @@ def convergence_section() -> list[str]:
         )
     for key, value in result["ratios"].items():
         lines.append(f"\n{key.replace('_', ' ')}: **{value:.2f}**")
+    variants = sorted(RESULTS.glob("convergence_*.json"))
+    if variants:
+        lines += [
+            "",
+            "Variants (`python bench/convergence.py --tag TAG ...`; one seed each):",
+            "",
+            "| tag | overrides | ZO lr | method: gain after the updates |",
+            "|---|---|---|---|",
+        ]
+    for path in variants:
+        variant = json.loads(path.read_text())
+        gains = ", ".join(
+            f"{method} {summary['gain_mean']:+.3f}"
+            for method, summary in variant["summary"].items()
+        )
+        overrides = " ".join(variant["overrides"]) or "–"
+        lines.append(
+            f"| {path.stem.removeprefix('convergence_')} | `{overrides}` | "
+            f"{variant['settings']['zo_lr']} | {gains} |"
+        )
     lines.append("")
     return lines
 

@@ -108,3 +108,14 @@ def test_pipeline_with_an_unwritable_run_directory_fails_before_any_work(tmp_pat
     blocker.write_text("not a directory")
     with pytest.raises(CheckpointIOError, match="not writable"):
         Pipeline(config(), blocker / "run")
+
+
+@pytest.mark.slow
+def test_first_order_iteration_can_have_its_own_length(tmp_path):
+    summary = run_pipeline(
+        config("loop.iterations=2", "loop.first_order_steps=3", "loop.checkpoint_every=null"),
+        tmp_path / "run",
+    )
+    assert summary["policy_steps"] == 3 + 4  # iteration 0 first-order: 3; iteration 1: 4
+    assert summary["optimizer_per_iteration"] == ["first_order", "zeroth_order"]
+    assert load_state(tmp_path / "run", "iteration_1")["policy_updates"] == 7

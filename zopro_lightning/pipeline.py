@@ -94,13 +94,15 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prompt_chunks(prompts: Sequence[str], iterations: int, size: int) -> list[list[str]]:
-    """``iterations`` consecutive chunks of ``size`` prompts, wrapping around the prompt list
-    (policy learning goes over the data in order, chunk by chunk)."""
+def prompt_chunks(prompts: Sequence[str], sizes: Sequence[int]) -> list[list[str]]:
+    """Consecutive chunks of ``sizes[t]`` prompts, wrapping around the prompt list (policy
+    learning goes over the data in order, chunk by chunk)."""
     if not prompts:
         raise ValueError("the dataset has no training prompts; check dataset.* options.")
+    starts = [sum(sizes[:t]) for t in range(len(sizes))]
     return [
-        [prompts[(t * size + i) % len(prompts)] for i in range(size)] for t in range(iterations)
+        [prompts[(start + i) % len(prompts)] for i in range(size)]
+        for start, size in zip(starts, sizes, strict=True)
     ]
 
 
@@ -411,7 +413,8 @@ class Pipeline:
         self, reward: HFRewardModel, rows: Sequence[dict], epochs: int, lr: float, loss: str
     ) -> None:
         """First-order training on pairs (``bradley_terry``) or scored rows (``mse``)."""
-        module = RewardModelModule(reward, loss=loss, lr=lr)
+        warmup = self.cfg.reward_model.get("warmup_fraction", 0.0)
+        module = RewardModelModule(reward, loss=loss, lr=lr, warmup_fraction=warmup)
         collate = ScoreCollator(reward) if loss == "mse" else PairCollator(reward)
         loader = self.loader(rows, self.cfg.reward_model.batch_size, collate)
         self.trainer(max_epochs=epochs).fit(module, loader)
@@ -516,7 +519,8 @@ class Pipeline:
             self.summary[f"{key}_initial"] = self.evaluate(policy)
             self.save_state("start", {"reward": trainable_state(reward.model)})
         first = self.restore_iteration(policy, reward, sampler) if self.resuming else 0
-        chunks = prompt_chunks(self.task.train_prompts, iterations, steps * cfg.loop.batch_size)
+        sizes = [self.steps_of(t) * cfg.loop.batch_size for t in range(iterations)]
+        chunks = prompt_chunks(self.task.train_prompts, sizes)
         recorder = RolloutRecorder()
         interplay = cfg.interplay
         snapshots = (
@@ -579,7 +583,7 @@ class Pipeline:
         last = self.policy_module.last_rollout
         self.summary.update(
             {
-                "policy_steps": iterations * steps,
+                "policy_steps": sum(self.steps_of(t) for t in range(iterations)),
                 "kl_final": last.metrics["kl"]
                 if last is not None
                 else self.summary.get("kl_final"),
@@ -595,6 +599,14 @@ class Pipeline:
         return self.summary
 
     # -- policy learning with checkpoints and resume --------------------------------------
+    def steps_of(self, t: int) -> int:
+        """Policy updates of iteration ``t``: ``loop.first_order_steps`` for a first-order
+        iteration 0 when set, ``loop.steps_per_iteration`` otherwise."""
+        loop = self.cfg.loop
+        if t == 0 and loop.first_order_first and loop.get("first_order_steps"):
+            return int(loop.first_order_steps)
+        return int(loop.steps_per_iteration)
+
     def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
         """Policy learning of iteration ``t`` on its chunk of prompts, one Lightning ``fit``.
 
@@ -608,7 +620,7 @@ class Pipeline:
         """
         cfg = self.cfg.loop
         directory = self.run_dir / "checkpoints" / f"iteration_{t}"
-        options: dict[str, Any] = {"max_steps": cfg.steps_per_iteration, "max_epochs": -1}
+        options: dict[str, Any] = {"max_steps": self.steps_of(t), "max_epochs": -1}
         every = cfg.get("checkpoint_every")
         phase_callbacks = list(callbacks)
         if every:

@@ -64,8 +64,11 @@ class RewardModelModule(LightningModule):
         loss: RewardLoss = "bradley_terry",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        warmup_fraction: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {warmup_fraction}.")
         if loss not in ("bradley_terry", "mse"):
             raise ValueError(f"reward-model loss must be 'bradley_terry' or 'mse', got {loss!r}.")
         self.save_hyperparameters(ignore=["reward"])
@@ -131,5 +134,21 @@ class RewardModelModule(LightningModule):
         return len(first["input_ids"])
 
     def configure_optimizers(self):
+        """AdamW; with ``warmup_fraction`` the learning rate rises linearly over that share of
+        the steps and then stays (a large first step can leave a fresh score head stuck at
+        chance, loss log 2)."""
+        from transformers import get_scheduler
+
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_fraction * total)
+        scheduler = get_scheduler(
+            "constant_with_warmup", optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
