@@ -8,6 +8,7 @@
 
 Parts: ``convergence`` (ZOPrO vs Gaussian vs Rademacher vs first-order, 3 seeds), ``peer_trl``
 (TRL's RLOOTrainer on the same work), ``step_cost`` (ZO step vs forward vs FO step),
+``step_cost_batch64`` (the same at the pipeline's batch: 16 prompts x 4 completions),
 ``communication`` (bytes per update under 2-process DDP). Needs ``pip install -e ".[bench]"``
 for ``peer_trl``.
 """
@@ -22,19 +23,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-QUICK = {
-    "convergence": ["--quick"],
-    "peer_trl": ["--quick"],
-    "step_cost": ["--sizes", "small", "--repeats", "2"],
-    "communication": ["--sizes", "tiny", "--steps", "2"],
+B64_JSON = str(HERE / "results" / "step_cost_cpu_b64.json")
+BATCH64 = ["--batch", "64", "--seq", "48", "--out", B64_JSON]
+QUICK = {  # part: (script, arguments)
+    "convergence": ("convergence", ["--quick"]),
+    "peer_trl": ("peer_trl", ["--quick"]),
+    "step_cost": ("step_cost", ["--sizes", "small", "--repeats", "2"]),
+    "communication": ("communication", ["--sizes", "tiny", "--steps", "2"]),
 }
 FULL = {
-    "convergence": [],
-    "peer_trl": [],
-    "step_cost": ["--sizes", "small,medium"],
-    "communication": [],
+    "convergence": ("convergence", []),
+    "peer_trl": ("peer_trl", []),
+    "step_cost": ("step_cost", ["--sizes", "small,medium"]),
+    "step_cost_batch64": ("step_cost", ["--sizes", "small,medium", *BATCH64]),
+    "communication": ("communication", []),
 }
-GPU = {"step_cost": ["--device", "cuda", "--sizes", "medium,large", "--batch", "64"]}
+GPU = {"step_cost": ("step_cost", ["--device", "cuda", "--sizes", "medium,large", "--batch", "64"])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {sorted(plan)}")
     for part in parts:
-        command = [sys.executable, str(HERE / f"{part}.py"), *plan[part]]
+        script, arguments = plan[part]
+        command = [sys.executable, str(HERE / f"{script}.py"), *arguments]
         print(f"== {part}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True)

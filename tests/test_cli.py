@@ -18,6 +18,7 @@ SMALL = [
     "reward_model.epochs=1",
     "loop.iterations=2",
     "loop.steps_per_iteration=2",
+    "loop.first_order_steps=null",
     "loop.batch_size=2",
     "eval.samples_per_prompt=1",
     "policy.k=2",

@@ -182,6 +182,7 @@ TINY = [
     "policy.micro_batch_size=null",
     "loop.iterations=2",
     "loop.steps_per_iteration=1",
+    "loop.first_order_steps=null",
     "loop.batch_size=2",
     "eval.samples_per_prompt=1",
     "eval.max_prompts=2",
