@@ -1,7 +1,8 @@
 """Cost of one policy update: zeroth-order SPSA step vs one inference forward vs one
 first-order step, on the same model and batch (the rollout itself excluded).
 
-Each measurement runs in its own subprocess so that peak memory is that operation's alone:
+Each measurement runs in its own subprocess so that peak memory is that operation's alone
+(the time ratio to a forward is taken inside that process, forward and operation alternating):
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
 (``VmHWM``: unlike ``ru_maxrss``, not inherited from the parent), reported in total and
 above the baseline after model and batch were built.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,28 +25,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mb, rss_mb  # noqa: E402
+
 SIZES = {  # hidden, layers, heads, intermediate, vocab
     "small": (256, 4, 4, 1024, 8000),
     "medium": (512, 8, 8, 2048, 16000),
     "large": (1024, 16, 16, 4096, 32000),
 }
 OPERATIONS = ("forward", "zeroth_order", "first_order")
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(
@@ -129,13 +116,24 @@ def worker(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline_mb = torch.cuda.memory_allocated() / 2**20
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up and is not timed
+
+    def timed(fn) -> float:
         sync()
         start = time.perf_counter()
-        run_once()
+        fn()
         sync()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def forward_only() -> None:
+        with torch.inference_mode():
+            loss()
+
+    # time ratios come from one process: each repeat times a forward and then the operation,
+    # so both see the same machine state (separate processes differ by 20-40 % on a busy CPU)
+    times, forward_times = [], []
+    for _ in range(repeats + 1):  # the first round warms up and is not timed
+        forward_times.append(timed(forward_only))
+        times.append(timed(run_once))
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
     return {
         "size": size,
@@ -145,6 +143,10 @@ def worker(
         "params_trainable": n_trainable,
         "exact_restore": exact if operation == "zeroth_order" else None,
         "seconds": statistics.median(times[1:]),
+        "forward_seconds_same_process": statistics.median(forward_times[1:]),
+        "over_forward_same_process": statistics.median(
+            t / f for t, f in zip(times[1:], forward_times[1:], strict=True)
+        ),
         "seconds_all": times[1:],
         "peak_mb": peak_mb,
         "baseline_mb": baseline_mb,
@@ -214,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
                     "mode": mode,
                     "params_total": fwd["params_total"],
                     "params_trainable": fwd["params_trainable"],
-                    "zo_time_over_forward": zo["seconds"] / fwd["seconds"],
-                    "fo_time_over_forward": fo["seconds"] / fwd["seconds"],
+                    "zo_time_over_forward": zo["over_forward_same_process"],
+                    "fo_time_over_forward": fo["over_forward_same_process"],
                     "zo_peak_over_forward": zo["peak_mb"] / fwd["peak_mb"],
                     "fo_peak_over_forward": fo["peak_mb"] / fwd["peak_mb"],
                     "zo_extra_over_forward_extra": (

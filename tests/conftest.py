@@ -59,3 +59,24 @@ def whitespace_tokenizer(words: list[str], chat_template: str | None = None):
     )
     fast.chat_template = chat_template
     return fast
+
+
+def launch_two_ranks(worker, out) -> None:
+    """Run a DDP worker script as a user would (Lightning's launcher starts rank 1 from it),
+    with a clean distributed environment and one thread a rank; fail with its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    launcher_keys = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
+    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(
+        [sys.executable, str(worker), str(out)],
+        cwd=worker.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]

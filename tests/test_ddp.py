@@ -7,9 +7,6 @@ The single-process behaviour of :mod:`zopro_lightning.distributed` is tested her
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +18,7 @@ from zopro_lightning import ZOPrOModule
 from zopro_lightning.distributed import agree_on_seed, cross_rank_mean, gather_objects
 from zopro_lightning.spsa import derive_seed
 
-from .conftest import count_words_reward
+from .conftest import count_words_reward, launch_two_ranks
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
@@ -30,21 +27,7 @@ WORKER = Path(__file__).parent / "ddp_worker.py"
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the two ranks saved (index = rank)."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
-    }
-    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        cwd=WORKER.parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    launch_two_ranks(WORKER, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

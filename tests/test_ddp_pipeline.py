@@ -10,13 +10,12 @@ rank saves what it ended with; these tests compare the ranks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from .conftest import launch_two_ranks
 
 WORKER = Path(__file__).parent / "ddp_pipeline_worker.py"
 ITERATIONS = 2
@@ -43,21 +42,7 @@ SUMMARY_KEYS = (
 def run(tmp_path_factory) -> tuple[Path, list[dict]]:
     """The run directory and what each of the two ranks saved (index = rank)."""
     out = tmp_path_factory.mktemp("ddp_pipeline")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
-    }
-    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        cwd=WORKER.parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_ranks(WORKER, out)
     ranks = [torch.load(out / f"rank_{r}.pt", weights_only=False) for r in range(2)]
     assert [rank["rank"] for rank in ranks] == [0, 1]
     assert all(rank["world_size"] == 2 for rank in ranks)
