@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, write_results  # noqa: E402
+from common import environment, write_results  # noqa: E402
 
 METHODS = ("zopro", "gaussian", "rademacher", "first_order")
 
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--override", action="append", default=[], help="Hydra override")
     parser.add_argument("--quick", action="store_true", help="1 seed, 50 updates")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--out", default=None, help="JSON path (the PNG goes beside it)")
     parser.add_argument("--workdir", default="/tmp/zopro_bench_convergence")
     args = parser.parse_args(argv)
     if args.quick:
@@ -298,10 +299,11 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios,
         "curves": [c.__dict__ for c in curves],
     }
-    path = write_results(name, payload)
-    plot(curves, methods, RESULTS / f"{name}.png")
+    path = write_results(name, payload, args.out)
+    figure = path.with_suffix(".png")
+    plot(curves, methods, figure)
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=1))
-    print(f"wrote {path} and {RESULTS / f'{name}.png'}")
+    print(f"wrote {path} and {figure}")
 
 
 if __name__ == "__main__":

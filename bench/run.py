@@ -1,7 +1,7 @@
 """The benchmark suite in one command: each part writes its JSON under ``bench/results/``, then
 ``bench/report.py`` rewrites the README's benchmark section from those files.
 
-    python bench/run.py --quick      # a few minutes: one seed, few updates, smallest sizes
+    python bench/run.py --quick      # a few minutes, smallest settings, into bench/results/quick/
     python bench/run.py              # the full suite (about an hour on a 2-core CPU)
     python bench/run.py --parts convergence,peer_trl
     python bench/run.py --device cuda   # on a GPU machine: step cost at GPU sizes
@@ -25,11 +25,18 @@ HERE = Path(__file__).resolve().parent
 
 B64_JSON = str(HERE / "results" / "step_cost_cpu_b64.json")
 BATCH64 = ["--batch", "64", "--seq", "48", "--out", B64_JSON]
+QUICK_DIR = HERE / "results" / "quick"  # a smoke run does not overwrite the real results
+
+
+def quick_out(part: str) -> list[str]:
+    return ["--out", str(QUICK_DIR / f"{part}.json")]
+
+
 QUICK = {  # part: (script, arguments)
-    "convergence": ("convergence", ["--quick"]),
-    "peer_trl": ("peer_trl", ["--quick"]),
-    "step_cost": ("step_cost", ["--sizes", "small", "--repeats", "2"]),
-    "communication": ("communication", ["--sizes", "tiny", "--steps", "2"]),
+    "convergence": ("convergence", ["--quick", *quick_out("convergence")]),
+    "peer_trl": ("peer_trl", ["--quick", *quick_out("peer_trl")]),
+    "step_cost": ("step_cost", ["--sizes", "small", "--repeats", "2", *quick_out("step_cost")]),
+    "communication": ("communication", ["--sizes", "tiny", "--steps", "2", *quick_out("comm")]),
 }
 FULL = {
     "convergence": ("convergence", []),
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
     else:
-        print("quick mode: results written, README left as it is (python bench/report.py)")
+        print(f"quick mode: results in {QUICK_DIR}; the README's tables are left as they are")
 
 
 if __name__ == "__main__":
