@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,25 +32,6 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "lightning": lightning.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process (MiB)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB): ``VmHWM``, which starts afresh at
-    ``exec`` (``ru_maxrss`` does not: a child inherits its parent's peak on Linux)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_results(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:

@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_rss_mb, rss_mb, write_results  # noqa: E402
+from common import environment, write_results  # noqa: E402
+
+from zopro_lightning.memory import peak_rss_mb, rss_mb
 
 RUNNERS = ("trl", "ours_first_order", "ours_zeroth_order")
 FULL_MODEL = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048}
@@ -84,7 +86,6 @@ class UpdateClock:
 def build_policy(setting: str, start: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     path = start / ("sft" if setting == "lora" else "full")
     tokenizer = AutoTokenizer.from_pretrained(path)

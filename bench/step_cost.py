@@ -25,8 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, rss_mb  # noqa: E402
+from zopro_lightning.memory import peak_rss_mb, rss_mb
 
 SIZES = {  # hidden, layers, heads, intermediate, vocab
     "small": (256, 4, 4, 1024, 8000),

@@ -37,6 +37,29 @@ def lora_policy(tokenizer):
     return policy
 
 
+def tiny_reward_model(tokenizer, seed: int = 0, max_length: int = 64):
+    """A one-layer Llama sequence classifier (one score) with a LoRA adapter, as
+    :class:`HFRewardModel`; ``seed`` sets the score head's and adapter's start."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from zopro_lightning.rewards import HFRewardModel
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+    )
+    torch.manual_seed(seed)
+    classifier = add_lora(LlamaForSequenceClassification(config), r=4, alpha=8, task_type="SEQ_CLS")
+    return HFRewardModel(classifier, tokenizer, max_length=max_length)
+
+
 def count_words_reward(prompts: list[str], completions: list[str]) -> torch.Tensor:
     """A user-written reward: how often the word 'great' appears."""
     return torch.tensor([c.split().count("great") for c in completions], dtype=torch.float32)

@@ -30,12 +30,12 @@ from lightning.pytorch.strategies import Strategy  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from tests.conftest import tiny_reward_model  # noqa: E402
 from zopro_lightning import ZOPrOModule  # noqa: E402
 from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
 from zopro_lightning.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
 from zopro_lightning.models import add_lora, build_tiny_causal_lm  # noqa: E402
 from zopro_lightning.reward_model import PairCollator, RewardModelModule  # noqa: E402
-from zopro_lightning.rewards import HFRewardModel  # noqa: E402
 from zopro_lightning.tokenizer import build_word_tokenizer  # noqa: E402
 
 STEPS = 3
@@ -132,30 +132,15 @@ def policy_fit(
 
 
 def reward_fit(tokenizer, task, rank: int, fitted: L.Trainer) -> dict:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-    )
-    torch.manual_seed(rank)  # a different score-head start on every rank
-    classifier = add_lora(LlamaForSequenceClassification(config), r=4, alpha=8, task_type="SEQ_CLS")
-    reward = HFRewardModel(classifier, tokenizer, max_length=64)
+    reward = tiny_reward_model(tokenizer, seed=rank)  # a different start on every rank
     # each rank "judged" its own pairs; every rank trains on all of them
     mine = list(task.train_pairs[rank::2])[:8]
     pairs = gather_objects(mine, fitted)
-    before = trainable(classifier)
+    before = trainable(reward.model)
     module = RewardModelModule(reward, lr=1e-2)
     fit_trainer = trainer(max_epochs=1)
     fit_trainer.fit(module, DataLoader(pairs, batch_size=4, collate_fn=PairCollator(reward)))
-    return {"before": before, "after": trainable(classifier), "pairs": len(pairs)}
+    return {"before": before, "after": trainable(reward.model), "pairs": len(pairs)}
 
 
 def main(out_dir: str) -> None:

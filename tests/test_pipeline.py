@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from zopro_lightning.evaluation import score_correlations
 from zopro_lightning.judges import FileJudge, LLMJudge, RewardJudge
+from zopro_lightning.models import build_tiny_causal_lm
 from zopro_lightning.pipeline import (
     Pipeline,
     finite_or_null,
@@ -55,22 +56,16 @@ def hh_file(tmp_path) -> Path:
 @pytest.fixture
 def chat_model_dir(tmp_path, hh_file) -> Path:
     """A tiny Llama and a word tokenizer with a chat template, saved like a hub checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     texts = [r[k] for r in hh_rows(12) for k in ("chosen", "rejected")]
     tokenizer = build_word_tokenizer(texts, extra_tokens=("<|user|>", "<|assistant|>", "<|end|>"))
     tokenizer.chat_template = CHAT_TEMPLATE
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    model = build_tiny_causal_lm(
+        tokenizer,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=512,
     )
     path = tmp_path / "model"
     model.save_pretrained(path)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_ROWS = 24
@@ -128,23 +127,18 @@ def texts_of(value) -> list[str]:
 
 
 def save_tiny_llama(path: Path, tokenizer, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from zopro_lightning.models import build_tiny_causal_lm
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = build_tiny_causal_lm(
+        tokenizer,
         hidden_size=16,
+        num_layers=1,
+        num_heads=2,
         intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -9,29 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning.evaluation import pairwise_accuracy
-from zopro_lightning.models import add_lora
 from zopro_lightning.reward_model import PairCollator, RewardModelModule
 from zopro_lightning.rewards import HFRewardModel
 
-
-def tiny_reward_model(tokenizer) -> HFRewardModel:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_labels=1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    model = add_lora(model, r=4, alpha=8, task_type="SEQ_CLS")
-    return HFRewardModel(model, tokenizer, max_length=48)
+from .conftest import tiny_reward_model
 
 
 def fit(reward: HFRewardModel, pairs, lr: float, warmup: float, epochs: int) -> L.Trainer:

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable
 from zopro_lightning.data.resumable import ResumableDataLoader
 from zopro_lightning.distributed import gather_objects, is_multi_process
 from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy, score_correlations
+from zopro_lightning.memory import peak_rss_mb
 from zopro_lightning.models import (
     load_sequence_classifier,
     state_difference,
@@ -84,14 +84,7 @@ def peak_memory_mb() -> float:
     """Peak resident memory of this process (CPU), or peak CUDA allocation when on a GPU."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    try:  # VmHWM: this process's own peak (ru_maxrss also counts a parent's, after exec)
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def prompt_chunks(prompts: Sequence[str], sizes: Sequence[int]) -> list[list[str]]:
@@ -517,7 +510,7 @@ class Pipeline:
         key = self.eval_key
         if started is None:
             self.summary[f"{key}_initial"] = self.evaluate(policy)
-            self.save_state("start", {"reward": trainable_state(reward.model)})
+            self.save_run_state("start", {"reward": trainable_state(reward.model)})
         first = self.restore_iteration(policy, reward, sampler) if self.resuming else 0
         sizes = [self.steps_of(t) * cfg.loop.batch_size for t in range(iterations)]
         chunks = prompt_chunks(self.task.train_prompts, sizes)
@@ -640,14 +633,15 @@ class Pipeline:
         loader = self.loader(prompts, batch_size_per_rank(cfg.batch_size, trainer.world_size))
         trainer.fit(self.policy_module, loader, ckpt_path=ckpt_path)
 
-    def save_state(self, name: str, payload: dict[str, Any]) -> None:
+    def save_run_state(self, name: str, payload: dict[str, Any]) -> None:
+        """``state/<name>.pt`` with the summary so far (rank 0 only)."""
         if self.is_global_zero:
             save_state(self.run_dir, name, payload | {"summary": self.summary})
 
     def save_iteration(self, t: int, policy, reward: HFRewardModel, sampler) -> None:
         """The state after iteration ``t``; the iteration's mid-way checkpoints then go."""
         judge = {name: getattr(self.judge, name, None) for name in JUDGE_COUNTERS}
-        self.save_state(
+        self.save_run_state(
             f"iteration_{t}",
             {
                 "iteration": t,

@@ -67,11 +67,11 @@ class PerturbationSampler(Protocol):
 def isotropic_factor(mu: Mapping[str, Tensor]) -> float:
     """``sqrt(sum_n numel_n) / sqrt(sum_n ||mu_n||^2)`` over the usable (finite, non-zero)
     ``mu_n``: the one factor that gives the targeted direction a Gaussian draw's norm."""
-    usable = [t for t in mu.values() if torch.isfinite(t.norm()) and t.norm() > 0]
+    squared = {n: float(t.double().pow(2).sum()) for n, t in mu.items()}
+    usable = [n for n, sq in squared.items() if math.isfinite(sq) and sq > 0]
     if not usable:
         return 1.0
-    squared = sum(float(t.double().pow(2).sum()) for t in usable)
-    return math.sqrt(sum(t.numel() for t in usable) / squared)
+    return math.sqrt(sum(mu[n].numel() for n in usable) / sum(squared[n] for n in usable))
 
 
 def _standard_normal(param: Tensor, generator: torch.Generator) -> Tensor:
