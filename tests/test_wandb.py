@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ def wandb_records(path: Path) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
+    if len(data) < 7:  # the header is not written yet
+        return
     ident, _magic, _version = struct.unpack("<4sHB", data[:7])
     assert ident == b":W&B", f"{path} is not a W&B transaction log"
     position, chunks = 7, []
@@ -50,6 +53,8 @@ def wandb_records(path: Path) -> Iterator[Any]:
         if kind == 0:  # padding / preallocated tail
             position += left_in_block
             continue
+        if position + 7 + length > len(data):  # a chunk still being written
+            return
         chunks.append(data[position + 7 : position + 7 + length])
         position += 7 + length
         if kind in (FULL, LAST):
@@ -59,11 +64,26 @@ def wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
+def finished_records(run_dir: Path, timeout_s: float = 60.0) -> list[Any]:
+    """The records of an offline run's transaction log, once it holds the run's ``exit``
+    record: W&B's core process writes the log asynchronously and may still be flushing it
+    when ``finish()`` returns (seen on a busy 2-core machine: a log without its history)."""
+    (log,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(log))
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        if time.monotonic() > deadline:
+            kinds = sorted({record.WhichOneof("record_type") for record in records})
+            raise AssertionError(f"{log} has no exit record after {timeout_s} s; it holds {kinds}")
+        time.sleep(0.2)
+
+
 def history_and_config(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """History rows (``{key: value}``, values JSON-decoded) and the config of an offline run."""
-    (log,) = run_dir.glob("run-*.wandb")
     history, config = [], {}
-    for record in wandb_records(log):
+    for record in finished_records(run_dir):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append(
