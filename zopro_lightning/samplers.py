@@ -10,7 +10,10 @@ from ``(step seed, tensor name)``, so the same ``z`` is regenerated each time an
   ``mu`` and the reward model's update ``v`` (see its docstring).
 
 Every sampler follows :class:`PerturbationSampler`: ``sample``, ``step`` (once per policy
-update), ``state_dict`` and ``load_state_dict``.
+update), ``state_dict`` and ``load_state_dict``. A sampler whose coordinates are i.i.d.
+standard draws may also carry ``fill(out, generator)`` (Gaussian and Rademacher do): the SPSA
+step then adds ``alpha * z`` chunk by chunk on all CPU threads without holding ``z`` whole
+(:mod:`zopro_lightning.draws`); ``sample`` must then equal ``draws.draw(param, generator, fill)``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from zopro_lightning import draws
 
 DecaySchedule = Literal["linear", "exp", "constant"]
 
@@ -75,16 +80,19 @@ def isotropic_factor(mu: Mapping[str, Tensor]) -> float:
 
 
 def _standard_normal(param: Tensor, generator: torch.Generator) -> Tensor:
-    """``N(0, I)`` draw in float32 on the parameter's device (float32 keeps low-precision
-    models' directions identical to full-precision ones)."""
-    return torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+    """``N(0, I)`` draw in float32 on the parameter's device (see :func:`draws.draw`)."""
+    return draws.draw(param, generator, draws.normal_fill)
 
 
 class GaussianSampler:
     """Isotropic Gaussian directions, ``z ~ N(0, I)`` (MeZO). Stateless."""
 
+    #: i.i.d. coordinates: the SPSA step may draw ``z`` chunk by chunk with this fill
+    #: (:func:`zopro_lightning.draws.add_draw_tasks`) instead of calling ``sample``.
+    fill = staticmethod(draws.normal_fill)
+
     def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        return _standard_normal(param, generator).to(param.dtype)
+        return draws.draw(param, generator, self.fill).to(param.dtype)
 
     def step(self) -> None:
         return None
@@ -102,9 +110,7 @@ class GaussianSampler:
 class RademacherSampler(GaussianSampler):
     """Rademacher directions: each coordinate ``+1`` or ``-1`` with probability 1/2."""
 
-    def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        bits = torch.randint(0, 2, param.shape, generator=generator, device=param.device)
-        return (bits * 2 - 1).to(param.dtype)
+    fill = staticmethod(draws.rademacher_fill)
 
     def __repr__(self) -> str:
         return "RademacherSampler()"

@@ -8,7 +8,9 @@ For step seed ``s`` and each of ``q`` perturbations ``j``::
     theta <- theta - lr (mean_j g_j z_j + weight_decay * theta)
 
 ``z`` is never stored: it is regenerated from its seed whenever needed (MeZO's trick), so the
-step needs the memory of inference. The loss function evaluates every micro-batch at the same
+step needs the memory of inference. For samplers with i.i.d. coordinates it is not even held
+whole for one tensor: it is drawn and added chunk by chunk, on all CPU threads
+(:mod:`zopro_lightning.draws`). The loss function evaluates every micro-batch at the same
 perturbed point, so ``g`` is the average over micro-batches that share ``z``. A non-finite
 ``g`` skips the update and leaves ``theta`` bit-identical.
 
@@ -26,7 +28,6 @@ Restoration after the two evaluations:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,17 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from zopro_lightning import draws
+from zopro_lightning.draws import derive_seed
 from zopro_lightning.samplers import PerturbationSampler
 
 LossFn = Callable[[], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived deterministically from ``parts`` (stable across processes and
-    platforms, unlike ``hash``)."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -92,27 +88,36 @@ class _Directions:
         self.sampler, self.seed, self.cache = sampler, seed, cache
         self._cached: dict[tuple[int, str], Tensor] = {}
 
+    def generator(self, j: int, name: str, param: Tensor) -> torch.Generator:
+        return tensor_generator(derive_seed(self.seed, j), name, param.device)
+
     def __call__(self, j: int, name: str, param: Tensor) -> Tensor:
         key = (j, name)
         if key in self._cached:
             return self._cached[key]
-        generator = tensor_generator(derive_seed(self.seed, j), name, param.device)
-        z = self.sampler.sample(name, param, generator)
+        z = self.sampler.sample(name, param, self.generator(j, name, param))
         if self.cache:
             self._cached[key] = z
         return z
 
+    def add_tasks(self, j: int, name: str, param: Tensor, alpha: float) -> list[draws.Task]:
+        """Tasks doing ``param += alpha * z_j``: chunked draws when the sampler has i.i.d.
+        coordinates (a ``fill``) and nothing is cached, else one task with ``z`` whole."""
+        fill = getattr(self.sampler, "fill", None)
+        if fill is None or self.cache:
+            return [lambda: param.add_(self(j, name, param), alpha=alpha)]
+        return draws.add_draw_tasks(param, self.generator(j, name, param), fill, alpha)
+
+
+def _on_cpu(params: Mapping[str, Tensor]) -> bool:
+    return all(p.device.type == "cpu" for p in params.values())
+
 
 @torch.no_grad()
-def perturb_(
-    params: Mapping[str, Tensor],
-    directions: Callable[[int, str, Tensor], Tensor],
-    j: int,
-    scale: float,
-) -> None:
-    """``p += scale * z_j`` for every tensor, in place."""
-    for name, param in params.items():
-        param.add_(directions(j, name, param), alpha=scale)
+def perturb_(params: Mapping[str, Tensor], directions: _Directions, j: int, scale: float) -> None:
+    """``p += scale * z_j`` for every tensor, in place (the tensors side by side on a CPU)."""
+    tasks = [t for n, p in params.items() for t in directions.add_tasks(j, n, p, scale)]
+    draws.run_tasks(tasks, parallel=_on_cpu(params))
 
 
 @torch.no_grad()
@@ -185,13 +190,19 @@ def spsa_step(
         if pending_restore:
             perturb_(params, directions, last, pending_restore)
         return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
+    decays = {
+        name: 1.0 - lr * weight_decay if weight_decay and applies_weight_decay(name, param) else 1
+        for name, param in params.items()
+    }
     for name, param in params.items():
-        decay = 1.0 - lr * weight_decay if weight_decay and applies_weight_decay(name, param) else 1
-        if decay != 1:
-            param.mul_(decay)
-        for j in range(num_perturbations):
+        if decays[name] != 1:
+            param.mul_(decays[name])
+    for j in range(num_perturbations):  # one z at a time: tasks of one batch never overlap
+        tasks = []
+        for name, param in params.items():
             alpha = -lr * float(grads[j]) / num_perturbations
             if j == last:  # restore fused into the update: one pass over z_last, not two
-                alpha += decay * pending_restore
-            param.add_(directions(j, name, param), alpha=alpha)
+                alpha += decays[name] * pending_restore
+            tasks += directions.add_tasks(j, name, param, alpha)
+        draws.run_tasks(tasks, parallel=_on_cpu(params))
     return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
