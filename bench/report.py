@@ -43,6 +43,8 @@ def step_cost_section() -> list[str]:
             if result["batch_sequences"] != 16
             else ""
         )
+        if result["repeats"] != 3:
+            command += f" --repeats {result['repeats']}"
         lines += [
             f"**SPSA step cost** (`{name}`): "
             + origin(result, name, command)

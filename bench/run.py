@@ -8,7 +8,8 @@
 
 Parts: ``convergence`` (ZOPrO vs Gaussian vs Rademacher vs first-order, 3 seeds), ``peer_trl``
 (TRL's RLOOTrainer on the same work), ``step_cost`` (ZO step vs forward vs FO step),
-``step_cost_batch64`` (the same at the pipeline's batch: 16 prompts x 4 completions),
+``step_cost_batch128`` (the same at the default run's update batch: 16 prompts x 8
+completions),
 ``communication`` (bytes per update under 2-process DDP). Needs ``pip install -e ".[bench]"``
 for ``peer_trl``.
 """
@@ -23,8 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-B64_JSON = str(HERE / "results" / "step_cost_cpu_b64.json")
-BATCH64 = ["--batch", "64", "--seq", "48", "--out", B64_JSON]
+B128_JSON = str(HERE / "results" / "step_cost_cpu_b128.json")
+BATCH128 = ["--batch", "128", "--seq", "64", "--repeats", "5", "--out", B128_JSON]
 QUICK_DIR = HERE / "results" / "quick"  # a smoke run does not overwrite the real results
 
 
@@ -42,7 +43,7 @@ FULL = {
     "convergence": ("convergence", []),
     "peer_trl": ("peer_trl", []),
     "step_cost": ("step_cost", ["--sizes", "small,medium"]),
-    "step_cost_batch64": ("step_cost", ["--sizes", "small,medium", *BATCH64]),
+    "step_cost_batch128": ("step_cost", ["--sizes", "small,medium", *BATCH128]),
     "communication": ("communication", []),
 }
 GPU = {"step_cost": ("step_cost", ["--device", "cuda", "--sizes", "medium,large", "--batch", "64"])}
