@@ -10,6 +10,7 @@ process group:
 2. the same fit with ``optimizer="first_order"`` (AdamW, ``manual_backward``);
 3. a ``RewardModelModule`` fit on pairs shared with :func:`gather_objects`;
 4. :func:`gather_objects` on rank-dependent lists;
+5. a zeroth-order fit stopped at a checkpoint and resumed, beside the uninterrupted fit;
 
 and saves what the test compares to ``OUT_DIR/rank{r}.pt``: the trainable tensors after each
 fit, the prompts each rank trained on, and the collectives (profiler op names) issued inside
@@ -26,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import Strategy  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from tests.conftest import tiny_reward_model  # noqa: E402
 from zopro_lightning import ZOPrOModule  # noqa: E402
+from zopro_lightning.data.resumable import ResumableDataLoader  # noqa: E402
 from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
 from zopro_lightning.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
 from zopro_lightning.models import add_lora, build_tiny_causal_lm  # noqa: E402
@@ -64,17 +67,17 @@ class BatchRecorder(L.Callback):
 
 
 def trainer(callbacks=(), strategy: str | Strategy = "ddp", **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+    options = {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": strategy,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": list(callbacks),
+    }
+    return L.Trainer(**(options | kwargs))
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,6 +134,40 @@ def policy_fit(
     }, fit_trainer
 
 
+def resume_parity(tokenizer, prompts, rank: int, out_dir: Path) -> dict:
+    """The same 4-update zeroth-order fit on shuffled prompts, once uninterrupted (checkpoints
+    after updates 2 and 4) and once started again from the checkpoint of update 2."""
+    checkpoints = out_dir / "resume_checkpoints"
+
+    def fit(ckpt_path: Path | None) -> tuple[dict, int]:
+        module = ZOPrOModule(
+            lora_policy(tokenizer, rank), tokenizer, count_great, k=2, max_new_tokens=4, lr=1e-2
+        )
+        loader = ResumableDataLoader(
+            prompts, batch_size=2, shuffle=True, collate_fn=list,
+            generator=torch.Generator().manual_seed(7),
+        )  # fmt: skip
+        saves = ModelCheckpoint(
+            dirpath=checkpoints, filename="{step}", every_n_train_steps=2, save_top_k=-1
+        )
+        fit_trainer = trainer(
+            [saves] if ckpt_path is None else [],
+            strategy=ZerothOrderDDPStrategy(),
+            max_steps=4,
+            enable_checkpointing=ckpt_path is None,
+        )
+        fit_trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return trainable(module.policy), module.policy_updates
+
+    uninterrupted, updates = fit(None)
+    resumed, resumed_updates = fit(checkpoints / "step=2.ckpt")
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed": resumed,
+        "updates": (updates, resumed_updates),
+    }
+
+
 def reward_fit(tokenizer, task, rank: int, fitted: L.Trainer) -> dict:
     reward = tiny_reward_model(tokenizer, seed=rank)  # a different start on every rank
     # each rank "judged" its own pairs; every rank trains on all of them
@@ -160,6 +197,7 @@ def main(out_dir: str) -> None:
     results["zeroth_order_lean"], _ = policy_fit(
         tokenizer, prompts, "zeroth_order", rank, ZerothOrderDDPStrategy(), steps=2
     )
+    results["resume"] = resume_parity(tokenizer, prompts, rank, Path(out_dir))
     results["first_order"], fitted = policy_fit(tokenizer, prompts, "first_order", rank)
     results["reward_model"] = reward_fit(tokenizer, task, rank, fitted)
     # a fitted trainer's strategy still holds the process group

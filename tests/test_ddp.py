@@ -78,6 +78,17 @@ def test_reward_model_fit_leaves_equal_parameters(ranks):
 
 
 @pytest.mark.slow
+def test_resume_under_ddp_is_bit_identical_to_an_uninterrupted_run(ranks):
+    """Stopped after 2 of 4 updates and resumed with ``ckpt_path``: the sampler, step seed,
+    update count and each rank's place in its shard come back, so both ranks end exactly where
+    the uninterrupted fit ended."""
+    for rank in ranks:
+        assert rank["resume"]["updates"] == (4, 4)
+        assert bit_identical(rank["resume"]["uninterrupted"], rank["resume"]["resumed"])
+    assert bit_identical(ranks[0]["resume"]["resumed"], ranks[1]["resume"]["resumed"])
+
+
+@pytest.mark.slow
 def test_gather_objects_concatenates_in_rank_order(ranks):
     expected = ["rank0-item0", "rank1-item0", "rank1-item1"]
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == expected
