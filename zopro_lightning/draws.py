@@ -14,8 +14,8 @@ size alone, so ``z`` is the same whatever the number of threads; a tensor of at 
 
 :func:`add_draw_tasks` cuts ``param += alpha * z`` into such chunks, each drawn into a small
 per-thread buffer and added at once, so ``z`` is never held whole: the step's memory stays that
-of inference. The SPSA step hands the tasks of all tensors to :func:`run_tasks` together, so
-small tensors are drawn side by side too.
+of inference. The SPSA step hands the tasks of all tensors to :func:`run_tasks` together, which
+deals them out to the threads, so small tensors are drawn side by side too.
 
 A *fill* is the per-sampler rule ``fill(out, generator)`` that writes standard draws into the
 flat float32 tensor ``out`` (for example ``out.normal_(generator=generator)``).
@@ -24,6 +24,7 @@ flat float32 tensor ``out`` (for example ``out.normal_(generator=generator)``).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +34,13 @@ from torch import Tensor
 
 Fill = Callable[[Tensor, torch.Generator], object]
 
-CHUNK_NUMEL = 1 << 16  # elements per generator on a CPU (256 KiB of float32)
+# elements per generator on a CPU (128 KiB of float32): no more than torch's intra-op grain
+# size (32768), so a chunk's add runs on its own thread and opens no nested OpenMP team
+CHUNK_NUMEL = 1 << 15
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _buffers = threading.local()
+os.register_at_fork(after_in_child=_pools.clear)  # a forked child has none of the threads
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -81,11 +85,14 @@ def run_tasks(tasks: list[Task], parallel: bool = True) -> None:
     if threads not in _pools:
         _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zopro-draw")
 
-    def without_grad(task: Task) -> None:
+    def run_share(share: list[Task]) -> None:
         with torch.no_grad():  # grad mode is per thread: a worker starts with it on
-            task()
+            for task in share:
+                task()
 
-    for future in [_pools[threads].submit(without_grad, task) for task in tasks]:
+    # one share of the tasks a thread (every threads-th task), not one hand-off a task
+    shares = [tasks[i::threads] for i in range(min(threads, len(tasks)))]
+    for future in [_pools[threads].submit(run_share, share) for share in shares]:
         future.result()  # re-raises a worker's error here
 
 
