@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 Fill = Callable[[Tensor, torch.Generator], object]
+Task = Callable[[], object]
 
 # elements per generator on a CPU (128 KiB of float32): no more than torch's intra-op grain
 # size (32768), so a chunk's add runs on its own thread and opens no nested OpenMP team
@@ -48,9 +49,6 @@ def derive_seed(*parts: int | str) -> int:
     platforms, unlike ``hash``)."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-Task = Callable[[], object]
 
 
 def _chunk_generator(generator: torch.Generator, index: int) -> torch.Generator:

@@ -79,11 +79,6 @@ def isotropic_factor(mu: Mapping[str, Tensor]) -> float:
     return math.sqrt(sum(mu[n].numel() for n in usable) / sum(squared[n] for n in usable))
 
 
-def _standard_normal(param: Tensor, generator: torch.Generator) -> Tensor:
-    """``N(0, I)`` draw in float32 on the parameter's device (see :func:`draws.draw`)."""
-    return draws.draw(param, generator, draws.normal_fill)
-
-
 class GaussianSampler:
     """Isotropic Gaussian directions, ``z ~ N(0, I)`` (MeZO). Stateless."""
 
@@ -234,7 +229,7 @@ class ZOPrOSampler:
         return self.matched_tensors
 
     def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        xi = _standard_normal(param, generator).flatten()
+        xi = draws.draw(param, generator, draws.normal_fill).flatten()
         key = canonical_name(name)
         mu = self._mu.get(key)
         if mu is not None and mu.numel() != xi.numel():

@@ -114,9 +114,16 @@ def _on_cpu(params: Mapping[str, Tensor]) -> bool:
 
 
 @torch.no_grad()
-def perturb_(params: Mapping[str, Tensor], directions: _Directions, j: int, scale: float) -> None:
-    """``p += scale * z_j`` for every tensor, in place (the tensors side by side on a CPU)."""
-    tasks = [t for n, p in params.items() for t in directions.add_tasks(j, n, p, scale)]
+def perturb_(
+    params: Mapping[str, Tensor],
+    directions: _Directions,
+    j: int,
+    scale: float | Mapping[str, float],
+) -> None:
+    """``p += scale * z_j`` for every tensor (``scale`` one number, or one a tensor name), in
+    place; the tensors side by side on a CPU (their tasks never overlap)."""
+    scales = scale if isinstance(scale, Mapping) else dict.fromkeys(params, scale)
+    tasks = [t for n, p in params.items() for t in directions.add_tasks(j, n, p, scales[n])]
     draws.run_tasks(tasks, parallel=_on_cpu(params))
 
 
@@ -197,12 +204,9 @@ def spsa_step(
     for name, param in params.items():
         if decays[name] != 1:
             param.mul_(decays[name])
-    for j in range(num_perturbations):  # one z at a time: tasks of one batch never overlap
-        tasks = []
-        for name, param in params.items():
-            alpha = -lr * float(grads[j]) / num_perturbations
-            if j == last:  # restore fused into the update: one pass over z_last, not two
-                alpha += decays[name] * pending_restore
-            tasks += directions.add_tasks(j, name, param, alpha)
-        draws.run_tasks(tasks, parallel=_on_cpu(params))
+    for j in range(num_perturbations):
+        alpha = -lr * float(grads[j]) / num_perturbations
+        # the restore of the last z is fused into its update: one pass over z_last, not two
+        restore = pending_restore if j == last else 0.0
+        perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
     return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
