@@ -102,7 +102,8 @@ def test_load_local_chat_message_pairs(tmp_path):
 
 def test_malformed_row_names_row_and_column(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], {"prompt": "p", "chosen": "c"}])
-    with pytest.raises(ValueError, match=r"row 1: .*'rejected'"):
+    where = r"bad.jsonl \(split 'train'\), line 2 \(row 1\): .*'rejected'"
+    with pytest.raises(ValueError, match=where):
         load_preference_dataset(str(path), "jsonl")
 
 

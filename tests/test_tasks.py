@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from zopro_lightning.data.tasks import PreferenceTask, build_preference_task
+from zopro_lightning.tokenizer import build_word_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -98,20 +99,32 @@ def test_pairs_sharing_a_prompt_stay_on_one_side(tmp_path):
 
 
 def test_max_prompt_tokens_drops_and_counts(hh_file):
-    # prompts are "Human: question i word*k Assistant:" = 4 + (i % 7) words
-    task = build_preference_task(hh_file, "hh_rlhf", max_prompt_tokens=6)
-    expected = sum(1 for i in range(20) if 4 + i % 7 > 6)
+    # without a tokenizer, the tiny model's word-tokenizer tokens are counted: prompts
+    # "Human : question i word*k Assistant :" are 6 + (i % 7) tokens
+    task = build_preference_task(hh_file, "hh_rlhf", max_prompt_tokens=8)
+    expected = sum(1 for i in range(20) if 6 + i % 7 > 8)
     assert task.n_filtered == expected
     assert len(task.train_pairs) + len(task.eval_pairs) == 20 - expected
 
 
+def test_length_without_a_tokenizer_is_the_word_tokenizers_count(hh_file):
+    """The bound the config checks against the tiny model's context is in the tokens of the
+    word tokenizer that model gets (punctuation marks are tokens of their own)."""
+    task = build_preference_task(hh_file, "hh_rlhf", max_prompt_tokens=8)
+    tokenizer = build_word_tokenizer(task.corpus())
+    lengths = [len(tokenizer(p)["input_ids"]) for p in task.train_prompts + task.eval_prompts]
+    assert max(lengths) == 8 and tokenizer.unk_token_id not in tokenizer(task.train_prompts[0])
+
+
 def test_max_prompt_tokens_truncate_keeps_rows(hh_file):
     task = build_preference_task(
-        hh_file, "hh_rlhf", max_prompt_tokens=6, prompt_length_mode="truncate"
+        hh_file, "hh_rlhf", max_prompt_tokens=8, prompt_length_mode="truncate"
     )
     assert task.n_filtered > 0
     assert len(task.train_pairs) + len(task.eval_pairs) == 20
-    assert all(len(p["prompt"].split()) <= 6 for p in task.train_pairs + task.eval_pairs)
+    tokenizer = build_word_tokenizer(task.corpus())
+    prompts = [p["prompt"] for p in task.train_pairs + task.eval_pairs]
+    assert max(len(tokenizer(p)["input_ids"]) for p in prompts) == 8
     assert all(p.endswith("Assistant:") for p in task.train_prompts)
 
 

@@ -7,6 +7,11 @@
   checkpoint stays as it was. Loading defaults to ``torch.load(weights_only=True)``.
 - :func:`ensure_writable`: called once at the start of a run, so an unwritable output directory
   fails before any training is spent.
+- :func:`checkpoint_problem` / :func:`resumable_checkpoint`: whether a checkpoint file is whole
+  (every member of its zip archive passes its CRC check) before a resume trusts it; a damaged
+  one (cut short by a copy, a full disk under a non-atomic writer) is set aside as
+  ``<name>.damaged`` with a warning naming it, and the resume goes on from the last state that
+  verifies.
 - :func:`model_fingerprint` / :func:`fingerprint_differences`: which model a checkpoint was
   written for (class, trainable tensor names and shapes), so a checkpoint of another model is
   refused with a readable message instead of a half-applied ``load_state_dict``.
@@ -20,6 +25,7 @@ import logging
 import os
 import pickle
 import secrets
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -188,6 +194,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         """Load with ``weights_only=True`` unless the caller passed ``False`` explicitly."""
         safe = True if weights_only is None else weights_only
+        problem = checkpoint_problem(path) if "://" not in str(path) else None
+        if problem is not None:
+            raise _error(
+                f"Checkpoint {path} is damaged: {problem}. Fix: resume from an earlier "
+                "checkpoint (ckpt_path=<another .ckpt>), or delete this one and start the fit "
+                "afresh.",
+                OSError(errno.EIO, problem),
+            )
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=safe)
         except pickle.UnpicklingError as exc:
@@ -200,6 +214,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "trusted, load it with trainer.fit(..., weights_only=False); checkpoints written "
                 "by ZOPrOModule never need that."
             ) from exc
+
+
+def checkpoint_problem(path: _PATH) -> str | None:
+    """Why the checkpoint (or state) file at ``path`` cannot be trusted, or ``None`` when it is
+    whole: a ``torch.save`` file is a zip archive, and every member's CRC-32 is checked without
+    unpickling anything. A missing file is a problem too."""
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        size = path.stat().st_size
+        return f"not a whole torch.save archive ({exc}; {size} bytes: truncated?)"
+    if bad is not None:
+        return f"member {bad} fails its CRC check (the file was changed or damaged)"
+    return None
+
+
+def set_aside(path: _PATH, problem: str, fallback: str) -> Path:
+    """Rename a damaged file to ``<name>.damaged`` (kept for inspection, out of the way of the
+    next resume) and log a warning naming it, the problem and what is used instead."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    log.warning("%s is damaged (%s); moved to %s. %s", path, problem, aside.name, fallback)
+    return aside
+
+
+def resumable_checkpoint(path: _PATH) -> str | None:
+    """``path`` as a ``ckpt_path`` when the checkpoint there verifies; ``None`` when there is
+    none, or when it is damaged: then it is set aside (:func:`set_aside`) and the phase starts
+    again from the last state saved before it (the run's previous phase), so a resume still
+    ends where an uninterrupted run ends, having redone the updates since that state."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return str(path)
+    set_aside(
+        path,
+        problem,
+        "Resuming from the state saved before this checkpoint instead; the updates since then "
+        "are done again.",
+    )
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:

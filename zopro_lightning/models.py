@@ -33,10 +33,103 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[dtype]
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""Files of which a saved tokenizer has at least one (``tokenizer.save_pretrained(DIR)``)."""
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx")
+"""``config.json`` keys that give a model's context length, by architecture."""
+
+
+def looks_local(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` is meant as a local path rather than a hub repo id
+    (``"org/name"``): it exists, or it is absolute, starts with ``.``/``~``, or has more than
+    one ``/`` or a backslash (which no repo id has)."""
+    text = str(name_or_path)
+    return (
+        Path(text).expanduser().exists()
+        or Path(text).is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.endswith("/")
+    )
+
+
+def model_directory_problem(
+    name_or_path: str | Path, option: str, *, need_weights: bool = True, need_tokenizer: bool = True
+) -> str | None:
+    """What is wrong with a local model directory, as a sentence that names ``option`` and the
+    fix, or ``None`` (fine, or a hub repo id, which cannot be checked offline)."""
+    if not looks_local(name_or_path):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return (
+            f"{option}={name_or_path}: no such directory. Fix: the directory a model was saved "
+            "to with save_pretrained (config.json, weights, tokenizer), or a hub repo id such "
+            "as 'org/name'"
+        )
+    if not path.is_dir():
+        return (
+            f"{option}={name_or_path}: a file, not a model directory. Fix: the directory that "
+            "holds config.json (save_pretrained writes one)"
+        )
+    if need_weights and not (path / "config.json").is_file():
+        return (
+            f"{option}={name_or_path}: the directory has no config.json, so it holds no saved "
+            "model. Fix: point it at the directory save_pretrained wrote"
+        )
+    if need_tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return (
+            f"{option}={name_or_path}: the model directory has no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES[:4])}, ...). Fix: save the tokenizer there "
+            "(tokenizer.save_pretrained(DIR)), or name one with model.tokenizer=<dir or hub id>"
+        )
+    return None
+
+
+def local_context_length(name_or_path: str | Path) -> int | None:
+    """The context length in a local model directory's ``config.json`` (``None``: a hub id,
+    no such file, or no known key)."""
+    import json
+
+    path = Path(name_or_path).expanduser() / "config.json"
+    if not looks_local(name_or_path) or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in CONTEXT_KEYS:
+        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
+            return config[key]
+    return None
+
+
+def _check_local(name_or_path: str | Path, option: str, **needs: bool) -> None:
+    problem = model_directory_problem(name_or_path, option, **needs)
+    if problem is not None:
+        raise FileNotFoundError(problem)
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
-    """A tokenizer with a pad token (the EOS token when the tokenizer has none)."""
+    """A tokenizer with a pad token (the EOS token when the tokenizer has none).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist or holds no tokenizer files
+            (rather than the hub's repo-id message or a request to install sentencepiece).
+    """
     from transformers import AutoTokenizer
 
+    _check_local(name_or_path, "tokenizer", need_weights=False)
     tokenizer = AutoTokenizer.from_pretrained(
         str(name_or_path), trust_remote_code=trust_remote_code
     )
@@ -50,9 +143,14 @@ def load_causal_lm(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` for a hub name or a local directory."""
+    """``AutoModelForCausalLM.from_pretrained`` for a hub name or a local directory.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist or holds no config.json.
+    """
     from transformers import AutoModelForCausalLM
 
+    _check_local(name_or_path, "model", need_tokenizer=False)
     return AutoModelForCausalLM.from_pretrained(
         str(name_or_path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
@@ -68,6 +166,7 @@ def load_sequence_classifier(
     a causal LM's weights are reused and a fresh score head is added."""
     from transformers import AutoModelForSequenceClassification
 
+    _check_local(name_or_path, "reward model", need_tokenizer=False)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(name_or_path),
         num_labels=1,

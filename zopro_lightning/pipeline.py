@@ -52,7 +52,8 @@ from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
-from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable
+from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable, resumable_checkpoint
+from zopro_lightning.config_schema import validate_config
 from zopro_lightning.data.resumable import ResumableDataLoader
 from zopro_lightning.distributed import gather_objects, is_multi_process
 from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy, score_correlations
@@ -626,7 +627,7 @@ class Pipeline:
             )
             options |= {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
         last = directory / "last.ckpt"
-        ckpt_path = str(last) if self.resuming and last.exists() else None
+        ckpt_path = resumable_checkpoint(last) if self.resuming else None  # damaged: set aside
         if ckpt_path:
             log.info("resume: iteration %d from %s", t, last)
         trainer = self.trainer(callbacks=phase_callbacks, **options)
@@ -709,6 +710,7 @@ class Pipeline:
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the whole loop of ``cfg`` into ``run_dir``; returns the summary."""
+    validate_config(cfg)  # every option, path and length before any work (ConfigError)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -14,6 +14,10 @@ A run directory holds, besides its outputs:
 
 Every file is written to a temporary name, fsynced and renamed, so a crash leaves the previous
 state whole. Everything loads with ``torch.load(weights_only=True)``: tensors, numbers, strings.
+A state file that is damaged all the same (cut short by a copy) is verified before use and set
+aside as ``<name>.pt.damaged`` with a warning naming it; the resume goes on from the last state
+that verifies (an earlier iteration, or the phase is redone), so it still ends where an
+uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from zopro_lightning.checkpointing import checkpoint_problem, set_aside
 
 STATE_DIR = "state"
 RUN_CONFIG = "run_config.yaml"
@@ -48,23 +54,41 @@ def save_state(run_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_state(run_dir: Path, name: str) -> dict[str, Any] | None:
-    """``state/<name>.pt`` (``weights_only=True``), or ``None`` when it was never written."""
+def verified_state(run_dir: Path, name: str) -> Path | None:
+    """``state/<name>.pt`` when it exists and verifies; a damaged one is set aside (warning
+    naming it) and ``None`` returned, as for a state never written."""
     path = state_path(run_dir, name)
     if not path.exists():
+        return None
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return path
+    set_aside(path, problem, "Resuming from the last state before it; that phase is redone.")
+    return None
+
+
+def load_state(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """``state/<name>.pt`` (``weights_only=True``), or ``None`` when it was never written or is
+    damaged (:func:`verified_state`)."""
+    path = verified_state(run_dir, name)
+    if path is None:
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def last_finished_iteration(run_dir: Path) -> int | None:
-    """The highest ``t`` with ``state/iteration_<t>.pt``, or ``None``."""
+    """The highest ``t`` whose ``state/iteration_<t>.pt`` verifies (damaged ones are set aside
+    on the way down), or ``None``."""
     directory = Path(run_dir) / STATE_DIR
     found = [
         int(match.group(1))
         for path in directory.glob("iteration_*.pt")
         if (match := re.fullmatch(r"iteration_(\d+)\.pt", path.name))
     ]
-    return max(found) if found else None
+    for t in sorted(found, reverse=True):
+        if verified_state(run_dir, f"iteration_{t}") is not None:
+            return t
+    return None
 
 
 def comparable(cfg: DictConfig) -> dict[str, Any]:

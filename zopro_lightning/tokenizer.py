@@ -42,13 +42,21 @@ _CONTINUATION_PREFIX = "##"
 carry it, because the pre-tokeniser isolates every ``#``."""
 
 
+def word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """How texts are cut into words: on whitespace, then every punctuation character alone.
+    Lower-casing (the normaliser) changes no boundary, so this alone counts a text's tokens
+    (:mod:`zopro_lightning.data.tasks` bounds prompt lengths with it when there is no
+    tokenizer yet)."""
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+
+
 def _pipeline() -> Tokenizer:
     """An empty ``tokenizers`` pipeline: normaliser, pre-tokeniser and decoder, no vocabulary."""
     tokenizer = Tokenizer(WordLevel({UNK_TOKEN: 0}, unk_token=UNK_TOKEN))
     tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
+    tokenizer.pre_tokenizer = word_pre_tokenizer()
     # WordPiece's decoder without clean-up joins words with one space each.
     tokenizer.decoder = decoders.WordPiece(prefix=_CONTINUATION_PREFIX, cleanup=False)
     return tokenizer

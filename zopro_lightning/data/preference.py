@@ -13,7 +13,6 @@ Records are the normalised dicts of :mod:`zopro_lightning.data.extractors`.
 
 from __future__ import annotations
 
-import gzip
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from zopro_lightning.data.extractors import (
     hh_prompt_to_messages,
     messages_to_hh_text,
 )
+from zopro_lightning.data.local_files import read_local_rows
 
 __all__ = [
     "EXTRACTORS",
@@ -39,6 +39,7 @@ __all__ = [
     "Task",
     "filter_by_prompt_length",
     "format_prompt",
+    "drop_identical_pairs",
     "load_preference_dataset",
     "train_eval_split",
 ]
@@ -101,16 +102,6 @@ def _local_format(path: str) -> str | None:
     return None
 
 
-def _is_blank(path: Path) -> bool:
-    """Whether a (possibly gzipped) text file holds only whitespace."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        while chunk := handle.read(1 << 16):
-            if chunk.strip():
-                return False
-    return True
-
-
 def load_preference_dataset(
     name_or_path: str,
     task: Task,
@@ -123,9 +114,10 @@ def load_preference_dataset(
 
     Args:
         name_or_path: a local ``.jsonl``, ``.jsonl.gz``, ``.json`` or ``.parquet`` file
-            (read with ``datasets.load_dataset("json"|"parquet", data_files=...)``; gzip is
-            handled by ``datasets``), or a hub name such as ``"Anthropic/hh-rlhf"``
-            (``datasets.load_dataset(name, config, split=split)``; needs the network).
+            (read into memory by :func:`~zopro_lightning.data.local_files.read_local_rows`:
+            no copy of private data lands in the ``datasets`` cache), or a hub name such as
+            ``"Anthropic/hh-rlhf"`` (``datasets.load_dataset(name, config, split=split)``;
+            needs the network, and is cached like any hub dataset).
         task: which extractor to apply (see :data:`EXTRACTORS`).
         split: the split to read; for a local file the file *is* that split (slices such
             as ``"train[:100]"`` work for both).
@@ -139,25 +131,32 @@ def load_preference_dataset(
     Raises:
         ValueError: unknown task, a malformed row (the message names the row and column),
             or no rows at all.
+        DataFileError: (a ``ValueError``) a local file that is not UTF-8, a truncated
+            ``.gz``, a line that is not JSON or holds a key twice (file, line and fix).
         FileNotFoundError: a local file name that does not exist.
         OSError: the hub dataset could not be fetched (e.g. offline).
     """
-    import datasets
-
     _check_task(task)
     builder = _local_format(name_or_path)
+    lines: list[int] | None = None
     if builder is not None:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"no {builder} file at {str(path)!r} (task {task!r})")
-        if builder == "json" and _is_blank(path):
-            raise ValueError(
-                f"dataset {str(path)!r} is empty: 0 rows read for task {task!r}. Fix: set "
-                "dataset.task.name_or_path to a file with rows of the task's schema"
+            raise FileNotFoundError(
+                f"no {builder} file at {str(path)!r} (task {task!r}). Fix: set "
+                "dataset.task.name_or_path to an existing file, or to a hub dataset name"
             )
-        split_name = split.split("[", 1)[0]
-        rows = datasets.load_dataset(builder, data_files={split_name: str(path)}, split=split)
+        local = read_local_rows(path, builder, split)  # in memory: no copy in any cache
+        rows, columns, lines = local.rows, local.columns, local.lines
+        if not rows:
+            raise ValueError(
+                f"dataset {str(path)!r} is empty: 0 rows read for task {task!r} (split "
+                f"{split!r}). Fix: set dataset.task.name_or_path to a file with rows of the "
+                "task's schema"
+            )
     else:
+        import datasets
+
         config = config if config is not None else DEFAULT_CONFIGS.get(task)
         try:
             rows = datasets.load_dataset(name_or_path, config, split=split, data_dir=data_dir)
@@ -167,15 +166,19 @@ def load_preference_dataset(
                 f"split={split!r}): {err}. Offline? Pass a local .jsonl/.jsonl.gz/.json/"
                 ".parquet file with the same schema instead."
             ) from err
+        columns = getattr(rows, "column_names", None)
 
-    check_columns(getattr(rows, "column_names", None), task, name_or_path)
+    check_columns(columns, task, name_or_path)
     extract = EXTRACTORS[task]
     records = []
     for i, row in enumerate(rows):
         try:
             records.append(extract(row))
         except ValueError as err:
-            raise ValueError(f"{name_or_path} (split {split!r}), row {i}: {err}") from err
+            where = f"line {lines[i]} (row {i})" if lines else f"row {i}"
+            raise ValueError(
+                f"{name_or_path} (split {split!r}), {where}: {err}. Fix that row or remove it"
+            ) from err
     if not records:
         raise ValueError(
             f"dataset {name_or_path} (split {split!r}) is empty: 0 rows read. Fix: check "
@@ -205,6 +208,36 @@ def check_columns(found: Sequence[str] | None, task: Task, name_or_path: str) ->
             "or pick the dataset config whose schema the file has (dataset=hh_rlhf|tldr|"
             "wmt20_mlqe|jsonl)"
         )
+
+
+def drop_identical_pairs(
+    records: Sequence[dict[str, Any]], name_or_path: str
+) -> tuple[list[dict[str, Any]], int]:
+    """Drop pairs whose ``chosen`` equals ``rejected`` (they teach a reward model nothing and
+    give a Bradley–Terry loss of exactly log 2); check that some ``chosen`` is not empty.
+
+    Returns:
+        ``(kept, n_dropped)``; the caller logs the count.
+
+    Raises:
+        ValueError: every pair is identical, or every ``chosen`` response is empty (both name
+            the file and the fix).
+    """
+    kept = [r for r in records if r["chosen"] != r["rejected"]]
+    if not kept:
+        raise ValueError(
+            f"{name_or_path}: all {len(records)} pairs have chosen == rejected, so there is no "
+            "preference to learn. Fix: check that the file's 'chosen' and 'rejected' columns "
+            "hold the two different answers"
+        )
+    if not any(r["chosen"].strip() for r in kept):
+        raise ValueError(
+            f"{name_or_path}: every 'chosen' response is empty ({len(kept)} pairs), so SFT has "
+            "nothing to learn and no pair has a preferred answer. Fix: fill 'chosen' with the "
+            "preferred answer (for the HH-RLHF schema, 'chosen' is the whole dialogue, its final "
+            "'\n\nAssistant:' turn included)"
+        )
+    return kept, len(records) - len(kept)
 
 
 # --------------------------------------------------------------------------- prompts

@@ -30,12 +30,12 @@ are disjoint: the split is over distinct prompts, and every pair of a prompt goe
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from zopro_lightning.data.preference import (
+    drop_identical_pairs,
     filter_by_prompt_length,
     format_prompt,
     load_preference_dataset,
@@ -65,6 +65,7 @@ class PreferenceTask:
         train_scored: ``{"prompt", "completion", "score"}`` (``kind == "scores"``).
         eval_scored: the same on eval prompts (held-out Pearson/Spearman).
         n_filtered: rows dropped or truncated by the ``max_prompt_tokens`` bound.
+        n_identical: pairs dropped because ``chosen == rejected`` (logged as a warning).
         task: the extractor's name (``"hh_rlhf"``, ``"tldr"``, ``"wmt20_mlqe"``, ``"jsonl"``).
         readable_prompts: each formatted prompt -> the same prompt rendered without a chat
             template (HH text ``"\n\nHuman: ...\n\nAssistant:"``, the post, the source):
@@ -80,6 +81,7 @@ class PreferenceTask:
     train_scored: list[dict[str, Any]] = field(default_factory=list)
     eval_scored: list[dict[str, Any]] = field(default_factory=list)
     n_filtered: int = 0
+    n_identical: int = 0
     task: str = ""
     readable_prompts: dict[str, str] = field(default_factory=dict)
 
@@ -96,14 +98,20 @@ class PreferenceTask:
         return texts
 
 
-class _WhitespaceCounter:
-    """Stands in for a tokenizer when none is given: one token per whitespace-separated word
-    (with character offsets, so left truncation cuts at word boundaries)."""
+class _WordCounter:
+    """Stands in for a tokenizer when none is given: counts the tokens the tiny model's word
+    tokenizer (:func:`~zopro_lightning.tokenizer.build_word_tokenizer`) will make of a text
+    (whitespace-separated words, each punctuation mark its own token), with character
+    offsets, so left truncation cuts at token boundaries and a bound in tokens is one the
+    tiny model's context can check."""
 
-    _WORD = re.compile(r"\S+")
+    def __init__(self) -> None:
+        from zopro_lightning.tokenizer import word_pre_tokenizer
+
+        self._split = word_pre_tokenizer()
 
     def __call__(self, text: str, add_special_tokens: bool = False, **kwargs) -> dict:
-        spans = [m.span() for m in self._WORD.finditer(text)]
+        spans = [span for _, span in self._split.pre_tokenize_str(text)]
         out: dict[str, list] = {"input_ids": list(range(len(spans)))}
         if kwargs.get("return_offsets_mapping"):
             out["offset_mapping"] = spans
@@ -182,8 +190,8 @@ def build_preference_task(
         max_prompt_tokens: bound on the formatted prompt's length; ``None``: no bound.
         prompt_length_mode: ``"drop"`` longer prompts, or ``"truncate"`` them from the left.
         tokenizer: the policy's tokenizer: its chat template formats chat prompts and it
-            counts prompt tokens. ``None``: raw text, and words (whitespace-separated) are
-            counted instead of tokens.
+            counts prompt tokens. ``None``: raw text, counted in the tokens of the tiny
+            model's word tokenizer (words and punctuation marks).
         max_rows: read only the first ``max_rows`` rows of the split.
         n_sft: at most this many SFT examples (the first of the shuffled train side);
             ``None``: all.
@@ -199,11 +207,19 @@ def build_preference_task(
         split = f"{split.split('[', 1)[0]}[:{max_rows}]"
     records = load_preference_dataset(name_or_path, task, split=split, config=config,
                                       data_dir=data_dir)  # fmt: skip
+    n_identical = 0
+    if task in PAIR_TASKS:
+        records, n_identical = drop_identical_pairs(records, name_or_path)
+        if n_identical:
+            log.warning(
+                "%s: %d of %d pairs have chosen == rejected; dropped (nothing to prefer)",
+                name_or_path, n_identical, len(records) + n_identical,
+            )  # fmt: skip
     n_read = len(records)
     n_filtered = 0
     if max_prompt_tokens is not None:
-        counter = tokenizer if tokenizer is not None else _WhitespaceCounter()
-        unit = "tokens" if tokenizer is not None else "words"
+        counter = tokenizer if tokenizer is not None else _WordCounter()
+        unit = "tokens" if tokenizer is not None else "word-tokenizer tokens"
         try:
             records, n_filtered = filter_by_prompt_length(
                 records, counter, max_prompt_tokens, mode=prompt_length_mode, task=task
@@ -269,6 +285,7 @@ def build_preference_task(
         train_scored=[] if pairs else train,
         eval_scored=[] if pairs else held_out,
         n_filtered=n_filtered,
+        n_identical=n_identical,
         task=task,
         readable_prompts=readable,
     )
