@@ -1,13 +1,19 @@
 """Hydra entry point: ``zopro-train [overrides]``.
 
-Composes ``conf/`` (defaults: the embedded sentiment task on one CPU) and runs the loop of
+Composes the configs (defaults: the embedded sentiment task on one CPU) and runs the loop of
 :mod:`zopro_lightning.pipeline`. The entry point holds no logic of its own.
+
+The configs are the repository's ``conf/``, shipped inside the package as
+``zopro_lightning.conf``: Hydra reads them as ``pkg://zopro_lightning.conf`` whether the
+package is a wheel install or an editable one (which maps the package to the repository's
+``conf/``). :data:`CONFIG_DIR` is the same directory on disk, for ``initialize_config_dir``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -16,7 +22,22 @@ from omegaconf import DictConfig
 
 from zopro_lightning.gather import COLUMNS as SUMMARY_COLUMNS
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_PACKAGE = "zopro_lightning.conf"
+
+
+def config_dir() -> str:
+    """The configs' directory on disk: the repository's ``conf/`` in an editable install, the
+    installed package's copy in a wheel install."""
+    try:
+        return str(resources.files(CONFIG_PACKAGE))
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"{CONFIG_PACKAGE} (the Hydra configs) is not installed: this install predates "
+            "the configs shipping inside the package; run `pip install -e .` again"
+        ) from error
+
+
+CONFIG_DIR = config_dir()
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -26,10 +47,17 @@ def print_summary(summary: dict, run_dir: Path) -> None:
             value = summary[key]
             print(f"{key:>32}: {value:.4f}" if isinstance(value, float) else f"{key:>32}: {value}")
     print(f"{'run directory':>32}: {run_dir}")
+    if (run_dir / "policy" / "config.json").exists():
+        print(f'{"policy":>32}: {run_dir / "policy"} (zopro-generate {run_dir} "a prompt")')
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def train(cfg: DictConfig) -> float:
+    from zopro_lightning.console import quiet_console
+    from zopro_lightning.export import check_export_config
+
+    check_export_config(cfg)  # before any work: a push without a repository fails now
+    quiet_console()
     from zopro_lightning.pipeline import run_pipeline
 
     # resume=RUN_DIR goes on in that directory (this invocation's Hydra directory keeps its log)

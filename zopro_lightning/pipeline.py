@@ -588,6 +588,9 @@ class Pipeline:
         )
         if self.resuming:
             self.summary["resumed"] = True
+        from zopro_lightning.export import export_policy  # RUN_DIR/policy and policy_adapter
+
+        export_policy(policy, self.tokenizer, cfg, self.summary, self.run_dir, self.is_global_zero)
         self.write_summary()
         self.interplay_plots()
         return self.summary
