@@ -117,6 +117,7 @@ RULES: tuple[Rule, ...] = (
     _count("policy.num_perturbations"),
     _count("policy.max_new_tokens"),
     _count("policy.micro_batch_size", nullable=True),
+    _count("policy.zo_steps_per_update"),
     # loop
     _count("loop.iterations"),
     _count("loop.steps_per_iteration"),
@@ -159,6 +160,7 @@ RULES: tuple[Rule, ...] = (
 CHOICES: dict[str, tuple[str, ...]] = {
     "loop.schedule": ("first_order_then_zeroth_order", "first_order", "zeroth_order"),
     "loop.zeroth_order_optimizer": ("sgd", "momentum", "adam"),
+    "policy.zo_rule": ("sgd", "momentum", "adam"),
     "dataset.task.prompt_length_mode": ("drop", "truncate"),
 }
 """Options with a fixed set of values."""

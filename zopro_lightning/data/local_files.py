@@ -156,7 +156,7 @@ def _json_lines(path: Path, limit: int | None) -> LocalRows:
             and path.name.lower().endswith((".json", ".json.gz"))
         ):
             return _json_array(path, limit)
-        row = _parse(path, number, text)
+        row = _parse(path, number, text.rstrip("\r\n"))
         if not isinstance(row, dict):
             raise DataFileError(
                 f"{path}, line {number}: a JSON {type(row).__name__}, not an object. Fix: "
