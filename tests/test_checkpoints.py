@@ -293,3 +293,63 @@ def test_pickled_objects_need_an_explicit_weights_only_false(tmp_path):
     assert isinstance(
         io.load_checkpoint(path, weights_only=False)["hyper_parameters"]["config"], Opaque
     )
+
+
+# -- damaged files ------------------------------------------------------------------------------
+def truncated_copy(source, target, keep: float = 0.5):
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target
+
+
+def test_truncated_checkpoint_is_named_by_the_loader(tmp_path):
+    io = AtomicCheckpointIO()
+    whole = tmp_path / "whole.ckpt"
+    io.save_checkpoint({"step": 3, "weights": torch.randn(2000)}, whole)
+    last = truncated_copy(whole, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointIOError) as info:
+        io.load_checkpoint(last)
+    message = str(info.value)
+    assert f"Checkpoint {last} is damaged" in message and "truncated?" in message
+    assert "ckpt_path=<another .ckpt>" in message
+
+
+def test_flipped_byte_fails_the_crc_check(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"weights": torch.randn(2000)}, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert "fails its CRC check" in zopro_lightning.checkpointing.checkpoint_problem(path)
+
+
+def test_resume_sets_a_truncated_last_checkpoint_aside(tmp_path, caplog):
+    from zopro_lightning.checkpointing import resumable_checkpoint
+
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"step": 3, "weights": torch.randn(2000)}, whole)
+    assert resumable_checkpoint(whole) == str(whole)
+    assert resumable_checkpoint(tmp_path / "absent.ckpt") is None
+    last = truncated_copy(whole, tmp_path / "last.ckpt")
+    with caplog.at_level("WARNING", logger="zopro_lightning.checkpointing"):
+        assert resumable_checkpoint(last) is None
+    assert not last.exists() and (tmp_path / "last.ckpt.damaged").exists()
+    assert f"{last} is damaged" in caplog.text and "moved to last.ckpt.damaged" in caplog.text
+    assert "Resuming from the state saved before this checkpoint" in caplog.text
+
+
+def test_damaged_run_state_falls_back_to_the_last_state_that_verifies(tmp_path, caplog):
+    from zopro_lightning.run_state import last_finished_iteration, load_state, save_state
+
+    for t in range(3):
+        save_state(tmp_path, f"iteration_{t}", {"iteration": t, "x": torch.randn(500)})
+    state = tmp_path / "state"
+    latest = state / "iteration_2.pt"
+    truncated_copy(latest, latest, keep=0.3)
+    with caplog.at_level("WARNING", logger="zopro_lightning.checkpointing"):
+        assert last_finished_iteration(tmp_path) == 1
+    assert load_state(tmp_path, "iteration_1")["iteration"] == 1
+    assert (state / "iteration_2.pt.damaged").exists() and f"{latest} is damaged" in caplog.text
+    start = save_state(tmp_path, "start", {"x": torch.randn(500)})
+    truncated_copy(start, start)
+    assert load_state(tmp_path, "start") is None  # the phase is redone

@@ -204,3 +204,60 @@ def test_resumable_loader_state_mid_pass_and_after_a_pass():
     fourth = loader()
     fourth.load_state_dict(after)
     assert whole + [b.tolist() for _ in range(2) for b in fourth] == stream
+
+
+# -- a damaged checkpoint in a zopro-train run ---------------------------------------------------
+@pytest.mark.slow
+def test_pipeline_resume_past_a_truncated_last_checkpoint_is_bit_identical(
+    tmp_path, monkeypatch, caplog
+):
+    """A run killed inside iteration 1 whose ``last.ckpt`` was then cut short (a copy, a disk
+    without atomic renames): the resume names the file, sets it aside, redoes iteration 1 from
+    the state after iteration 0, and ends bit-identical to the run that never stopped."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from zopro_lightning.pipeline import run_pipeline
+    from zopro_lightning.run_state import load_state
+
+    from .test_cli import SMALL
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    small = [*SMALL, "loop.steps_per_iteration=3", "loop.checkpoint_every=1"]
+    small += ["interplay.snapshots=false", "num_threads=1"]
+
+    def config(*overrides: str):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose("config", overrides=["~logger", *small, *overrides])
+
+    run_pipeline(config(), tmp_path / "a")
+    original = ZOPrOModule.training_step
+
+    def killed_at_update_4(self, batch, batch_idx):  # iteration 1, after one of its updates
+        if self.policy_updates == 4:
+            raise RuntimeError("killed")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ZOPrOModule, "training_step", killed_at_update_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(config(), tmp_path / "b")
+    last = tmp_path / "b" / "checkpoints" / "iteration_1" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+
+    updates = []
+
+    def counted(self, batch, batch_idx):
+        updates.append(self.policy_updates)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ZOPrOModule, "training_step", counted)
+    with caplog.at_level("WARNING", logger="zopro_lightning.checkpointing"):
+        run_pipeline(config(f"resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert f"{last} is damaged" in caplog.text and "moved to last.ckpt.damaged" in caplog.text
+    assert updates == [3, 4, 5]  # iteration 1 again, from the state after iteration 0
+    final_a, final_b = (load_state(tmp_path / run, "iteration_1") for run in ("a", "b"))
+    for part in ("policy", "reward"):
+        for name, tensor in final_a[part].items():
+            assert torch.equal(tensor, final_b[part][name]), (part, name)
