@@ -1,0 +1,134 @@
+"""A quiet, informative console: `zopro-train --help`, each line of a run once, and the known
+harmless messages silenced (zopro_lightning/console.py, conf/hydra/help/zopro.yaml)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tests.test_cli import zopro_train
+from zopro_lightning.cli import CONFIG_DIR
+from zopro_lightning.console import FreshRewardHeadReport, LightningLinesOnce
+
+HYDRA_PREFIX = re.compile(r"^\[[^\]]+\]\[[^\]]+\]\[[A-Z]+\] - ")
+
+
+def record(name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.INFO, __file__, 1, message, None, None)
+
+
+def load_report(*rows: tuple[str, str]) -> str:
+    """transformers' load report (utils/loading_report.py) as it is logged, colours and all."""
+    bold, red, reset = "\x1b[1m", "\x1b[31m", "\x1b[0m"
+    table = ["Key          | Status  | ", "-------------+---------+-"]
+    table += [f"{key} | {red}{status}{reset} | " for key, status in rows]
+    return (
+        f"{bold}LlamaForSequenceClassification LOAD REPORT{reset} from: /run/sft\n"
+        + "\n".join(table)
+        + "\n\nNotes:\n- MISSING:\tthose params were newly initialized"
+    )
+
+
+def test_the_fresh_reward_head_report_is_dropped_and_any_other_kept():
+    keep = FreshRewardHeadReport().filter
+    name = "transformers.modeling_utils"
+    assert not keep(record(name, load_report(("score.weight", "MISSING"))))
+    assert keep(record(name, load_report(("score.weight", "MISSING"), ("model.norm", "MISSING"))))
+    assert keep(record(name, load_report(("score.weight", "UNEXPECTED"))))
+    assert keep(record(name, "some other warning"))
+
+
+def test_lightning_lines_pass_once_and_others_always():
+    keep = LightningLinesOnce().filter
+    device = "lightning.pytorch.utilities.rank_zero"
+    assert keep(record(device, "GPU available: False, used: False"))
+    assert not keep(record(device, "GPU available: False, used: False"))
+    assert keep(record(device, "TPU available: False, using: 0 TPU cores"))
+    assert not keep(record(device, "💡 Tip: For seamless cloud logging and experiment tracking"))
+    ours = "zopro_lightning.pipeline"
+    assert keep(record(ours, "iteration 0")) and keep(record(ours, "iteration 0"))
+
+
+def help_text() -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "zopro_lightning.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_help_lists_the_config_groups_and_the_main_options():
+    text = help_text()
+    groups = text.split("== Config groups (group=option) ==")[1].split("== Main options")[0]
+    for group in ("sampler", "model", "dataset", "judge", "trainer", "logger", "experiment"):
+        assert re.search(rf"^{group}: \w", groups, re.M), group
+    assert "sampler: gaussian, rademacher, zopro" in groups
+    options = text.split("== Main options")[1].split("\n\n")[0].splitlines()[1:]
+    keys = [line.split()[0] for line in options]
+    for key in ("seed", "resume", "loop.iterations", "loop.zeroth_order_lr", "policy.k"):
+        assert key in keys, key
+    assert len(keys) == len(set(keys))
+    # every option listed exists in the composed config, and its line shows its value
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    missing = object()
+    for key, line in zip(keys, options, strict=True):
+        value = OmegaConf.select(cfg, key, default=missing)
+        assert value is not missing, f"--help lists {key}, which conf/config.yaml does not have"
+        if key != "hydra.run.dir":
+            assert line.endswith(f"[{value}]"), line
+
+
+@pytest.mark.slow
+def test_a_run_prints_each_line_once_and_no_harmless_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # progress bars on one line each
+    result = zopro_train(tmp_path / "run", "loop.iterations=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    lines = []
+    for line in output.splitlines():
+        if not line.strip() or "━" in line or "%|" in line:  # progress bars
+            continue
+        lines.append(HYDRA_PREFIX.sub("", line).removeprefix("INFO: "))
+    repeated = [line for line, count in Counter(lines).items() if count > 1]
+    assert not repeated, "\n".join(repeated)
+    for harmless in (
+        "litlogger",
+        "in eval mode",
+        "LOAD REPORT",
+        "will save all targets and predictions",
+        "is_gradient_checkpointing",
+        "LeafSpec",
+        "validation_step",
+    ):
+        assert harmless not in output, harmless
+    # still informative: where it ran, what it did, what it wrote
+    assert lines.count("GPU available: False, used: False") == 1
+    assert any(line.startswith("iteration 1:") for line in lines)
+    assert "gold_reward_final" in result.stdout
+    # and the run's log file holds Lightning's lines too (they go through Hydra's handlers)
+    log = (tmp_path / "run" / "cli.log").read_text()
+    assert "GPU available" in log
+
+
+def test_console_filters_are_left_out_of_library_use():
+    """Importing the package changes no logging or warning state; only zopro-train does."""
+    code = (
+        "import logging, warnings, lightning, zopro_lightning.cli;"
+        "ours = [f for f in warnings.filters if f[1] and 'eval mode' in f[1].pattern];"
+        "print(bool(logging.getLogger('lightning').handlers), not ours)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.split() == ["True", "True"], result.stderr[-2000:]
