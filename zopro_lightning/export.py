@@ -19,6 +19,7 @@ repository before any training).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,8 +52,8 @@ def replace_directory(run_dir: Path, name: str, write: Callable[[Path], None]) -
         shutil.rmtree(stale, ignore_errors=True)
     write(partial)
     if target.exists():
-        target.rename(old)
-    partial.rename(target)
+        os.replace(target, old)
+    os.replace(partial, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
 
