@@ -161,6 +161,7 @@ def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
 
 def test_checkpoint_carries_step_counter_and_sampler(lora_policy, tokenizer, small_task, tmp_path):
     sampler = ZOPrOSampler(decay="linear", total_steps=10)
+    sampler.set_directions({n: torch.randn(p.shape) for n, p in lora_policy.named_parameters()})
     module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, sampler, k=2, max_new_tokens=4)
     trainer = fit(module, small_task.train_prompts[:4], steps=2)
     path = tmp_path / "last.ckpt"

@@ -5,6 +5,7 @@ import torch
 
 from zopro_lightning.samplers import (
     GaussianSampler,
+    PerturbationSampler,
     RademacherSampler,
     ZOPrOSampler,
     canonical_name,
@@ -39,7 +40,7 @@ def test_canonical_names_match_policy_and_reward_model():
 @pytest.mark.parametrize("d", [0.999, 0.6, 0.0])
 def test_zopro_direction_is_orthogonal_to_reward_update_and_has_matched_norm(d):
     mu, v = directions()
-    sampler = ZOPrOSampler(decay="constant", initial_decay=d)
+    sampler = ZOPrOSampler(decay="constant", initial_decay=d, scale="previous_update")
     assert sampler.set_directions({NAME: mu}, {NAME: v}) == 1
     z = draw(sampler)
     residual = (z - d * mu).flatten()
@@ -60,30 +61,36 @@ def test_same_seed_same_direction_other_seed_other_direction():
         assert torch.equal(draw(plain, seed=3), draw(plain, seed=3))
 
 
+def with_directions(sampler):
+    mu, v = directions()
+    sampler.set_directions({NAME: mu}, {NAME: v})
+    return sampler
+
+
 def test_decay_schedules():
-    linear = ZOPrOSampler(decay="linear", total_steps=4, initial_decay=0.999)
+    linear = with_directions(ZOPrOSampler(decay="linear", total_steps=4, initial_decay=0.999))
     values = []
     for _ in range(6):
         linear.step()
         values.append(linear.decay)
     assert values[0] == pytest.approx(0.749)
     assert values[3] == 0.0 and values[5] == 0.0  # floored at 0
-    exp = ZOPrOSampler(decay="exp", initial_decay=0.999)
+    exp = with_directions(ZOPrOSampler(decay="exp", initial_decay=0.999))
     exp.step()
     exp.step()
     assert exp.decay == pytest.approx(0.999 * math.exp(-2))
-    constant = ZOPrOSampler(decay="constant", initial_decay=0.9)
+    constant = with_directions(ZOPrOSampler(decay="constant", initial_decay=0.9))
     constant.step()
     assert constant.decay == 0.9
 
 
 def test_linear_decay_without_total_steps_says_what_to_set():
     with pytest.raises(ValueError, match="total_steps"):
-        ZOPrOSampler(decay="linear").step()
+        with_directions(ZOPrOSampler(decay="linear")).step()
 
 
 def test_fallbacks_never_give_a_zero_direction():
-    sampler = ZOPrOSampler(decay="constant", initial_decay=0.999)
+    sampler = ZOPrOSampler(decay="constant", initial_decay=0.999, scale="previous_update")
     gaussian = draw(GaussianSampler())
     # no directions at all (first iteration): plain xi, identical to MeZO's draw
     assert torch.equal(draw(sampler), gaussian)
@@ -109,6 +116,55 @@ def test_mismatched_shapes_are_refused_with_a_clear_message():
     sampler = ZOPrOSampler(decay="constant")
     with pytest.raises(ValueError, match="LoRA layout"):
         sampler.set_directions({NAME: torch.randn(6, 5)}, {NAME: torch.randn(4)})
+    # the same element count in another shape is another tensor: refused too
+    with pytest.raises(ValueError, match=r"shape \(5, 6\)"):
+        sampler.set_directions({NAME: torch.randn(6, 5)}, {NAME: torch.randn(5, 6)})
+    sampler.set_directions({NAME: torch.randn(6, 5)})
+    with pytest.raises(ValueError, match="another model"):
+        draw(sampler, shape=(5, 6))
+
+
+def test_default_scale_is_isotropic():
+    """The default keeps g away from float resolution: the draw has a Gaussian's norm however
+    small the previous update was."""
+    mu, v = directions()
+    assert ZOPrOSampler().scale == "isotropic"
+    sampler = ZOPrOSampler(initial_decay=1.0)
+    sampler.set_directions({NAME: 1e-7 * mu}, {NAME: v})
+    assert float(draw(sampler).norm()) == pytest.approx(math.sqrt(mu.numel()), rel=1e-3)
+
+
+def test_decay_restarts_with_new_directions_and_runs_over_the_phase_horizon():
+    sampler = ZOPrOSampler(decay="linear", initial_decay=0.999)
+    for _ in range(3):  # no directions yet (isotropic iteration 0): the schedule does not move
+        sampler.step()
+    assert sampler.decay == 0.999 and sampler.num_steps == 0
+    with_directions(sampler)
+    sampler.set_horizon(4)
+    assert sampler.metrics() == {"decay": 0.999}
+    for _ in range(4):
+        sampler.step()
+    assert sampler.decay == pytest.approx(0.0, abs=1e-9)
+    with_directions(sampler)  # the next iteration: d_0 again, over its own horizon
+    sampler.set_horizon(10)
+    assert sampler.decay == 0.999 and sampler.num_steps == 0
+    sampler.step()
+    assert sampler.decay == pytest.approx(0.899)
+    exp = with_directions(ZOPrOSampler(decay="exp", initial_decay=0.999))
+    exp.step()
+    with_directions(exp)
+    assert exp.decay == 0.999  # exp restarts too, so it means something in every iteration
+    fixed = with_directions(ZOPrOSampler(decay="linear", total_steps=5))
+    fixed.set_horizon(100)
+    assert fixed.total_steps == 5  # a fixed total is kept
+
+
+def test_isotropic_samplers_follow_the_same_protocol():
+    for sampler in (GaussianSampler(), RademacherSampler(), ZOPrOSampler()):
+        assert isinstance(sampler, PerturbationSampler)
+        sampler.set_horizon(3)
+        assert sampler.set_directions({NAME: torch.ones(6, 5)}) == 0
+        assert isinstance(sampler.metrics(), dict)
 
 
 def test_state_round_trip():
@@ -129,7 +185,7 @@ def test_rademacher_values():
 
 def test_isotropic_scale_keeps_the_direction_with_a_gaussian_norm():
     mu, v = directions()
-    plain = ZOPrOSampler(decay="constant", initial_decay=0.8)
+    plain = ZOPrOSampler(decay="constant", initial_decay=0.8, scale="previous_update")
     scaled = ZOPrOSampler(decay="constant", initial_decay=0.8, scale="isotropic")
     for sampler in (plain, scaled):
         sampler.set_directions({NAME: 1e-6 * mu}, {NAME: v})

@@ -1,7 +1,9 @@
 """Held-out measurements of the pipeline.
 
-- :func:`mean_gold_reward`: mean reward of the policy's samples on held-out prompts, under a
-  gold reward, or under the reward model itself when the task has no gold reward.
+- :func:`prompt_mean_rewards` / :func:`mean_gold_reward`: mean reward of the policy's samples
+  on each held-out prompt / over all, under a gold reward, or under the reward model itself
+  when the task has no gold reward; :func:`paired_difference_stderr`: the standard error of a
+  before/after difference on the same prompts and sampling seed.
 - :func:`pairwise_accuracy`: the reward model's accuracy on held-out preference pairs.
 - :func:`score_correlations`: Pearson and Spearman correlations (torchmetrics) between the
   reward model's scores and held-out quality scores (translation: ``z_mean``).
@@ -12,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from zopro_lightning.rewards import RewardFn, score_completions
 from zopro_lightning.rollout import RolloutConfig, decode_completions, generate_completions
 
 
 @torch.no_grad()
-def mean_gold_reward(
+def prompt_mean_rewards(
     policy: nn.Module,
     tokenizer,
     prompts: Sequence[str],
@@ -27,11 +29,13 @@ def mean_gold_reward(
     config: RolloutConfig,
     seed: int = 1234,
     batch_size: int = 64,
-) -> float:
-    """Mean gold reward of ``config.k`` sampled completions per held-out prompt.
+) -> Tensor:
+    """``[P]``: the mean gold reward of ``config.k`` sampled completions of each held-out prompt
+    (NaN where no completion got a finite score).
 
     Sampling uses the training temperature and a fixed seed (on a forked RNG, so training's
-    random stream is untouched): before/after numbers differ by the policy alone.
+    random stream is untouched): two evaluations of the same prompts are paired, and their
+    difference is the policy's alone (:func:`paired_difference_stderr`).
     """
     policy.eval()
     scores = []
@@ -43,8 +47,34 @@ def mean_gold_reward(
             completions = decode_completions(tokenizer, ids, mask)
             repeated = [p for p in chunk for _ in range(config.k)]
             scores.append(score_completions(gold_reward, repeated, completions))
-    rewards = torch.cat(scores)
-    return float(rewards[torch.isfinite(rewards)].mean())
+    rewards = torch.cat(scores).double().view(len(prompts), config.k)  # [P, k]
+    return rewards.nanmean(dim=1)
+
+
+def mean_gold_reward(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    gold_reward: RewardFn,
+    config: RolloutConfig,
+    seed: int = 1234,
+    batch_size: int = 64,
+) -> float:
+    """Mean gold reward of ``config.k`` sampled completions per held-out prompt (the mean of
+    :func:`prompt_mean_rewards` over the prompts with a finite score)."""
+    means = prompt_mean_rewards(policy, tokenizer, prompts, gold_reward, config, seed, batch_size)
+    return float(means[torch.isfinite(means)].mean())
+
+
+def paired_difference_stderr(after: Tensor, before: Tensor) -> float:
+    """Standard error of the mean of ``after - before`` over prompts (``[P]`` each, paired:
+    same prompts, same sampling seed): ``std(d, ddof=1) / sqrt(P)`` over finite ``d``; NaN
+    with fewer than two prompts."""
+    differences = (after.double() - before.double()).flatten()
+    differences = differences[torch.isfinite(differences)]
+    if differences.numel() < 2:
+        return float("nan")
+    return float(differences.std(unbiased=True) / differences.numel() ** 0.5)
 
 
 @torch.no_grad()

@@ -56,7 +56,12 @@ from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable, r
 from zopro_lightning.config_schema import validate_config
 from zopro_lightning.data.resumable import ResumableDataLoader
 from zopro_lightning.distributed import gather_objects, is_multi_process
-from zopro_lightning.evaluation import mean_gold_reward, pairwise_accuracy, score_correlations
+from zopro_lightning.evaluation import (
+    paired_difference_stderr,
+    pairwise_accuracy,
+    prompt_mean_rewards,
+    score_correlations,
+)
 from zopro_lightning.memory import peak_rss_mb
 from zopro_lightning.models import (
     load_sequence_classifier,
@@ -74,7 +79,6 @@ from zopro_lightning.run_state import (
     save_run_config,
     save_state,
 )
-from zopro_lightning.samplers import GaussianSampler, ZOPrOSampler
 from zopro_lightning.sft import SFTCollator, SFTModule
 from zopro_lightning.spsa import derive_seed
 
@@ -113,6 +117,23 @@ def batch_size_per_rank(batch_size: int, world_size: int) -> int:
             f"{world_size} DDP processes; use a multiple of {world_size}"
         )
     return batch_size // world_size
+
+
+SCHEDULES = ("first_order_then_zeroth_order", "first_order", "zeroth_order")
+
+
+def iteration_optimizer(schedule: str, t: int) -> str:
+    """``"first_order"`` or ``"zeroth_order"``: how iteration ``t`` of ``schedule`` learns.
+
+    ``first_order_then_zeroth_order`` (as published): first-order RLOO in iteration 0, ZOPrO
+    after; ``first_order``: every iteration first-order (the paper's baseline);
+    ``zeroth_order``: every iteration zeroth-order (iteration 0 with isotropic directions).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"loop.schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "first_order" or (schedule == "first_order_then_zeroth_order" and t == 0):
+        return "first_order"
+    return "zeroth_order"
 
 
 JUDGE_COUNTERS = ("n_queries", "n_unparseable", "n_inconsistent", "n_identical", "n_missing")
@@ -227,13 +248,13 @@ class Pipeline:
                 "has no gold_reward; use judge=llm, judge=reward_model or judge=file"
             )
         self.eval_key = "gold_reward" if self.gold_reward is not None else "policy_reward"
+        iteration_optimizer(cfg.loop.schedule, 0)  # an unknown schedule fails before any work
+        self.eval_scores: list[list[float]] = []  # per-prompt means of every evaluation
         self.judge: Any = None
         self.summary: dict[str, Any] = {
             "task": cfg.dataset.name,
             "sampler": cfg.sampler.name,
-            "optimizer": "zeroth_order"
-            if not cfg.loop.first_order_first
-            else "first_order_then_zeroth_order",
+            "optimizer": cfg.loop.schedule,
             "seed": cfg.seed,
         }
         if self.gold_reward is None:
@@ -460,13 +481,18 @@ class Pipeline:
 
     def evaluate(self, policy: torch.nn.Module) -> float:
         """Mean gold reward of the policy's samples on held-out prompts; without a gold
-        reward, the mean score the current reward model gives them."""
+        reward, the mean score the current reward model gives them.
+
+        Every evaluation samples the same prompts with the same seed, so two evaluations are
+        paired: the per-prompt means are kept (:attr:`eval_scores`) and the summary gets the
+        standard error of each iteration's gain and of the whole run's
+        (``<key>_gain_stderr_per_iteration``, ``<key>_stderr``)."""
         config = self.policy_module.rollout_config  # the training sampling settings
         config.k = self.cfg.eval.samples_per_prompt
         limit = self.cfg.eval.get("max_prompts")
         prompts = self.task.eval_prompts[:limit] if limit else self.task.eval_prompts
         self.to_device(policy)
-        return mean_gold_reward(
+        means = prompt_mean_rewards(
             policy,
             self.tokenizer,
             prompts,
@@ -474,6 +500,16 @@ class Pipeline:
             config,
             seed=self.cfg.seed + 10_000,
         )
+        self.eval_scores.append(means.tolist())
+        if len(self.eval_scores) > 1:
+            key = self.eval_key
+            previous, first = self.eval_scores[-2], self.eval_scores[0]
+            self.summary.setdefault(f"{key}_gain_stderr_per_iteration", []).append(
+                paired_difference_stderr(means, torch.tensor(previous))
+            )
+            self.summary[f"{key}_stderr"] = paired_difference_stderr(means, torch.tensor(first))
+        finite = means[torch.isfinite(means)]
+        return float(finite.mean())
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -491,15 +527,12 @@ class Pipeline:
             reward = self.build_reward_model()
             load_trainable(reward.model, started["reward"])
             self.summary = started["summary"]
+            self.eval_scores = list(started.get("eval_scores", []))
         self.to_device(reward.model)
         self.seed_phase("policy")
         policy = self.model_spec.with_lora(sft_model)
         sampler = instantiate(cfg.sampler.sampler)
         iterations = cfg.loop.iterations
-        steps = cfg.loop.steps_per_iteration
-        zo_iterations = iterations - int(cfg.loop.first_order_first)
-        if isinstance(sampler, ZOPrOSampler) and sampler.total_steps is None:
-            sampler.total_steps = max(1, zo_iterations * steps)
         self.policy_module = ZOPrOModule(
             policy,
             self.tokenizer,
@@ -530,21 +563,19 @@ class Pipeline:
         if interplay.update_cosines:
             callbacks.append(UpdateCosines())
         for t in range(first, iterations):
-            first_order = t == 0 and cfg.loop.first_order_first
-            self.policy_module.set_optimizer(
-                "first_order" if first_order else "zeroth_order",
-                lr=cfg.loop.first_order_lr if first_order else cfg.loop.zeroth_order_lr,
-            )
-            # iteration 0 of a fully zeroth-order run has no directions yet: isotropic sampler
-            self.policy_module.sampler = (
-                GaussianSampler() if t == 0 and not first_order else sampler
-            )
+            # before its first directions are set, the sampler draws isotropic z (iteration 0
+            # of a fully zeroth-order run)
+            first_order = self.set_phase_optimizer(t) == "first_order"
             self.policy_module.iteration, self.policy_module.phase = t, "policy_learning"
             theta_before = trainable_state(policy)
             if snapshots is not None:
                 snapshots.iteration = t
             self.seed_phase("policy_learning", t)
+            started_at = time.perf_counter()
             self.learn_policy(t, chunks[t], callbacks)
+            self.summary.setdefault("policy_seconds_per_iteration", []).append(
+                time.perf_counter() - started_at
+            )
             mu = state_difference(trainable_state(policy), theta_before)
             measured = self.evaluate(policy)
             self.summary.setdefault(f"{key}_per_iteration", []).append(measured)
@@ -561,7 +592,7 @@ class Pipeline:
                 snapshots.save_reward(
                     reward.model, step=self.policy_module.policy_updates, iteration=t
                 )
-            matched = sampler.set_directions(mu, v) if isinstance(sampler, ZOPrOSampler) else 0
+            matched = sampler.set_directions(mu, v)
             log.info("iteration %d: %s, %d tensors matched", t, refinement, matched)
             self.summary.setdefault("refinement_pairs", []).append(refinement["pairs"])
             self.summary.setdefault("refinement_dropped", []).append(refinement["dropped"])
@@ -600,9 +631,30 @@ class Pipeline:
         """Policy updates of iteration ``t``: ``loop.first_order_steps`` for a first-order
         iteration 0 when set, ``loop.steps_per_iteration`` otherwise."""
         loop = self.cfg.loop
-        if t == 0 and loop.first_order_first and loop.get("first_order_steps"):
+        first_order = iteration_optimizer(loop.schedule, t) == "first_order"
+        if t == 0 and first_order and loop.get("first_order_steps"):
             return int(loop.first_order_steps)
         return int(loop.steps_per_iteration)
+
+    def set_phase_optimizer(self, t: int) -> str:
+        """Set the policy module's optimizer for iteration ``t`` from ``loop.schedule``: the
+        first-order learning rate, or the zeroth-order one with its schedule and ``eps`` (a
+        sampler's own ``sampler.lr`` / ``sampler.eps`` first: a targeted and an isotropic
+        sampler do not step on the same scale). Returns the optimizer."""
+        loop, sampler_cfg = self.cfg.loop, self.cfg.sampler
+        optimizer = iteration_optimizer(loop.schedule, t)
+        if optimizer == "first_order":
+            self.policy_module.set_optimizer(
+                "first_order", lr=loop.first_order_lr, lr_schedule=self.cfg.policy.lr_schedule
+            )
+        else:
+            self.policy_module.set_optimizer(
+                "zeroth_order",
+                lr=sampler_cfg.get("lr") or loop.zeroth_order_lr,
+                eps=sampler_cfg.get("eps") or self.cfg.policy.eps,
+                lr_schedule=loop.get("zeroth_order_lr_schedule") or self.cfg.policy.lr_schedule,
+            )
+        return optimizer
 
     def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
         """Policy learning of iteration ``t`` on its chunk of prompts, one Lightning ``fit``.
@@ -638,9 +690,10 @@ class Pipeline:
         trainer.fit(self.policy_module, loader, ckpt_path=ckpt_path)
 
     def save_run_state(self, name: str, payload: dict[str, Any]) -> None:
-        """``state/<name>.pt`` with the summary so far (rank 0 only)."""
+        """``state/<name>.pt`` with the summary and evaluations so far (rank 0 only)."""
         if self.is_global_zero:
-            save_state(self.run_dir, name, payload | {"summary": self.summary})
+            extra = {"summary": self.summary, "eval_scores": self.eval_scores}
+            save_state(self.run_dir, name, payload | extra)
 
     def save_iteration(self, t: int, policy, reward: HFRewardModel, sampler) -> None:
         """The state after iteration ``t``; the iteration's mid-way checkpoints then go."""
@@ -673,6 +726,7 @@ class Pipeline:
         self.policy_module.policy_updates = int(state["policy_updates"])
         self.policy_module.skipped_steps = int(state["skipped_steps"])
         self.summary = state["summary"]
+        self.eval_scores = list(state.get("eval_scores", []))
         self.judge_counts = dict(state["judge"])
         return t + 1
 

@@ -10,7 +10,10 @@ from ``(step seed, tensor name)``, so the same ``z`` is regenerated each time an
   ``mu`` and the reward model's update ``v`` (see its docstring).
 
 Every sampler follows :class:`PerturbationSampler`: ``sample``, ``step`` (once per policy
-update), ``state_dict`` and ``load_state_dict``. A sampler whose coordinates are i.i.d.
+update), ``set_horizon`` (the updates of the coming phase), ``set_directions`` (the previous
+iteration's policy and reward-model updates; isotropic samplers ignore them), ``metrics`` (the
+values the coming step uses, for logging), ``state_dict`` and ``load_state_dict``. Callers use
+the protocol and never ask for a sampler's class. A sampler whose coordinates are i.i.d.
 standard draws may also carry ``fill(out, generator)`` (Gaussian and Rademacher do): the SPSA
 step then adds ``alpha * z`` chunk by chunk on all CPU threads without holding ``z`` whole
 (:mod:`zopro_lightning.draws`); ``sample`` must then equal ``draws.draw(param, generator, fill)``.
@@ -64,6 +67,22 @@ class PerturbationSampler(Protocol):
         """Advance the schedule once per policy update."""
         ...
 
+    def set_horizon(self, steps: int) -> None:
+        """The number of policy updates of the phase about to start (a schedule's length)."""
+        ...
+
+    def set_directions(
+        self,
+        policy_update: Mapping[str, Tensor] | None,
+        reward_update: Mapping[str, Tensor] | None = None,
+    ) -> int:
+        """New directions after an iteration; returns how many tensors matched a reward twin."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Values of the coming step worth logging (e.g. ``decay``)."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
@@ -91,6 +110,20 @@ class GaussianSampler:
 
     def step(self) -> None:
         return None
+
+    def set_horizon(self, steps: int) -> None:
+        return None
+
+    def set_directions(
+        self,
+        policy_update: Mapping[str, Tensor] | None,
+        reward_update: Mapping[str, Tensor] | None = None,
+    ) -> int:
+        """Isotropic directions use no previous update: nothing is stored, nothing matched."""
+        return 0
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -128,11 +161,11 @@ class ZOPrOSampler:
     Hence ``z - d mu`` is orthogonal to ``v`` and has norm ``sqrt(1 - d^2) * ||mu||``.
 
     Scale (``scale`` argument): DESIGN.md ties the size of ``z`` to the previous update,
-    ``||z_n|| ~ ||mu_n||`` (``scale="previous_update"``, the default, exactly the formula
-    above). Then the effective perturbation is ``eps * ||mu||`` and the effective step
-    ``lr * ||mu||^2``: both shrink with the previous update, and once an iteration moves little,
-    ``eps z`` falls under float resolution and ``g`` becomes exactly 0 (seen on the embedded
-    task). ``scale="isotropic"`` multiplies every tensor's ``z_n`` by one factor,
+    ``||z_n|| ~ ||mu_n||`` (``scale="previous_update"``, exactly the formula above). Then the
+    effective perturbation is ``eps * ||mu||`` and the effective step ``lr * ||mu||^2``: both
+    shrink with the previous update, and once an iteration moves little, ``eps z`` falls under
+    float resolution and ``g`` becomes exactly 0 (seen on the embedded task).
+    ``scale="isotropic"`` (the default) multiplies every tensor's ``z_n`` by one factor,
     ``c = sqrt(sum_n numel_n) / ||mu||`` (over the tensors that have a ``mu_n``), so the whole
     direction has about the norm a Gaussian draw has, ``sqrt(numel)``: ``eps`` and ``lr`` then
     mean what they mean for MeZO, and samplers compare at equal settings. One factor for all
@@ -144,15 +177,24 @@ class ZOPrOSampler:
 
     The decay ``d_t`` starts at ``initial_decay`` and moves once per :meth:`step`:
     ``"linear"``: ``d -= 1 / total_steps`` (floored at 0); ``"exp"``:
-    ``d_t = d_0 exp(-rate * t)``; ``"constant"``: ``d_t = d_0``.
+    ``d_t = d_0 exp(-rate * t)``; ``"constant"``: ``d_t = d_0``. It restarts at ``d_0`` with
+    ``t = 0`` whenever :meth:`set_directions` gives new directions (each zeroth-order iteration
+    starts along its fresh ``mu``, as the authors build a new decay schedule per iteration),
+    and ``total_steps`` is then the horizon of that phase (:meth:`set_horizon`) unless fixed.
+    Updates taken before any direction is set (the isotropic iteration 0 of a fully
+    zeroth-order run) do not advance it.
+
+    Tensors are matched to their directions by canonical name *and shape*.
 
     Args:
         decay: the schedule of ``d_t``.
-        total_steps: policy updates over which the linear schedule reaches 0. May be left
-            ``None`` and set later (``ZOPrOModule`` fills it from the trainer).
+        total_steps: policy updates over which the linear schedule reaches 0. ``None``: the
+            updates of the current phase, set by :meth:`set_horizon` (``ZOPrOModule`` calls it
+            at the start of every ``fit`` with that fit's updates).
         initial_decay: ``d_0`` in ``[0, 1]``.
         exp_rate: the rate of the exponential schedule (1.0 as in DESIGN.md).
-        scale: ``"previous_update"`` (DESIGN.md) or ``"isotropic"`` (see above).
+        scale: ``"isotropic"`` (default) or ``"previous_update"`` (DESIGN.md's literal
+            formula; its ``g`` collapses to 0 once ``mu`` is small, see above).
     """
 
     def __init__(
@@ -161,7 +203,7 @@ class ZOPrOSampler:
         total_steps: int | None = None,
         initial_decay: float = 1.0 - 1e-3,
         exp_rate: float = 1.0,
-        scale: Literal["previous_update", "isotropic"] = "previous_update",
+        scale: Literal["previous_update", "isotropic"] = "isotropic",
     ) -> None:
         if scale not in ("previous_update", "isotropic"):
             raise ValueError(
@@ -179,12 +221,14 @@ class ZOPrOSampler:
         if total_steps is not None and total_steps <= 0:
             raise ValueError(f"ZOPrOSampler: total_steps must be positive, got {total_steps}.")
         self.decay_schedule: DecaySchedule = decay
+        self.fixed_total_steps = total_steps
         self.total_steps = total_steps
         self.initial_decay = float(initial_decay)
         self.exp_rate = float(exp_rate)
         self.decay = float(initial_decay)
         self.num_steps = 0
-        self._mu: dict[str, Tensor] = {}
+        self._mu: dict[str, Tensor] = {}  # flattened, by canonical name
+        self._mu_shapes: dict[str, tuple[int, ...]] = {}
         self._v_hat: dict[str, Tensor] = {}
         self._global_scale = 1.0
         self.matched_tensors = 0
@@ -204,38 +248,44 @@ class ZOPrOSampler:
         Raises:
             ValueError: a reward tensor matches a policy tensor by name but not by shape.
         """
-        mu = {
-            canonical_name(n): t.detach().float().flatten().clone()
-            for n, t in (policy_update or {}).items()
-        }
+        updates = {canonical_name(n): t.detach() for n, t in (policy_update or {}).items()}
+        mu = {name: t.float().flatten().clone() for name, t in updates.items()}
+        shapes = {name: tuple(t.shape) for name, t in updates.items()}
         v_hat: dict[str, Tensor] = {}
         for raw_name, tensor in (reward_update or {}).items():
             name = canonical_name(raw_name)
-            flat = tensor.detach().float().flatten()
-            if name in mu and flat.numel() != mu[name].numel():
+            if name in shapes and tuple(tensor.shape) != shapes[name]:
                 raise ValueError(
-                    f"ZOPrOSampler: reward update {raw_name!r} has {flat.numel()} elements but the "
-                    f"policy update of the same name has {mu[name].numel()}. Policy and reward "
+                    f"ZOPrOSampler: reward update {raw_name!r} has shape {tuple(tensor.shape)} but "
+                    f"the policy update of the same name has {shapes[name]}. Policy and reward "
                     "model must share the LoRA layout (same base, rank and target modules) for "
                     "their tensors to be matched; otherwise rename or drop the reward tensors."
                 )
+            flat = tensor.detach().float().flatten()
             norm = flat.norm()
             if torch.isfinite(norm) and norm > 0:
                 v_hat[name] = flat / norm
-        self._mu = mu
-        self._v_hat = v_hat
+        self._mu, self._mu_shapes, self._v_hat = mu, shapes, v_hat
         self._global_scale = isotropic_factor(mu)
         self.matched_tensors = sum(1 for n in mu if n in v_hat)
+        self.restart()
         return self.matched_tensors
+
+    @property
+    def fill(self):
+        """Before any direction is set every ``z`` is plain ``xi``: the SPSA step may then draw
+        it chunk by chunk like the Gaussian sampler (the same numbers); ``None`` afterwards."""
+        return None if self._mu else draws.normal_fill
 
     def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
         xi = draws.draw(param, generator, draws.normal_fill).flatten()
         key = canonical_name(name)
         mu = self._mu.get(key)
-        if mu is not None and mu.numel() != xi.numel():
+        if mu is not None and self._mu_shapes.get(key, tuple(param.shape)) != tuple(param.shape):
             raise ValueError(
-                f"ZOPrOSampler: stored policy update for {name!r} has {mu.numel()} elements "
-                f"but the parameter has {xi.numel()}; the directions belong to another model."
+                f"ZOPrOSampler: the stored policy update for {name!r} has shape "
+                f"{self._mu_shapes[key]} but the parameter has {tuple(param.shape)}; the "
+                "directions belong to another model (set_directions with this model's updates)."
             )
         mu_norm = mu.norm() if mu is not None else None
         if mu is None or not torch.isfinite(mu_norm) or mu_norm == 0:
@@ -253,14 +303,31 @@ class ZOPrOSampler:
         return z.view_as(param).to(param.dtype)
 
     # -- schedule -----------------------------------------------------------------------------
+    def restart(self) -> None:
+        """``d = d_0``, ``t = 0``: the start of a new decay schedule (new directions)."""
+        self.decay = self.initial_decay
+        self.num_steps = 0
+
+    def set_horizon(self, steps: int) -> None:
+        """The linear schedule's length for the coming phase (unless ``total_steps`` was fixed)."""
+        if self.fixed_total_steps is None:
+            self.total_steps = max(1, int(steps))
+
+    def metrics(self) -> dict[str, float]:
+        """``decay``: the ``d_t`` the coming step draws with."""
+        return {"decay": self.decay}
+
     def step(self) -> None:
-        """Advance ``d_t`` by one policy update."""
+        """Advance ``d_t`` by one policy update (not before any direction is set)."""
+        if not self._mu:
+            return
         self.num_steps += 1
         if self.decay_schedule == "linear":
             if self.total_steps is None:
                 raise ValueError(
                     "ZOPrOSampler(decay='linear') needs total_steps (the number of policy updates "
-                    "over which d decays to 0); pass it, or use decay='exp' or 'constant'."
+                    "over which d decays to 0); pass it, call set_horizon, or use decay='exp' or "
+                    "'constant'."
                 )
             self.decay = max(0.0, self.decay - 1.0 / self.total_steps)
         elif self.decay_schedule == "exp":
@@ -273,6 +340,7 @@ class ZOPrOSampler:
             "num_steps": self.num_steps,
             "total_steps": self.total_steps,
             "mu": {n: t.cpu() for n, t in self._mu.items()},
+            "mu_shapes": {n: list(shape) for n, shape in self._mu_shapes.items()},
             "v_hat": {n: t.cpu() for n, t in self._v_hat.items()},
             "matched_tensors": self.matched_tensors,
         }
@@ -282,6 +350,8 @@ class ZOPrOSampler:
         self.num_steps = int(state["num_steps"])
         self.total_steps = state["total_steps"]
         self._mu = {n: t.clone() for n, t in state["mu"].items()}
+        shapes = state.get("mu_shapes") or {n: [t.numel()] for n, t in self._mu.items()}
+        self._mu_shapes = {n: tuple(shape) for n, shape in shapes.items()}
         self._v_hat = {n: t.clone() for n, t in state["v_hat"].items()}
         self._global_scale = isotropic_factor(self._mu)
         self.matched_tensors = int(state["matched_tensors"])

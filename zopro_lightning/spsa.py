@@ -41,6 +41,10 @@ from zopro_lightning.samplers import PerturbationSampler
 
 LossFn = Callable[[], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
+#: ``gradient(name, param) -> Tensor``: the step's estimate ``mean_j g_j z_j`` for one tensor
+GradientFn = Callable[[str, Tensor], Tensor]
+#: ``apply(params, gradient)``: an update rule (momentum, Adam moments) in place of plain SGD
+UpdateFn = Callable[[Mapping[str, Tensor], GradientFn], None]
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -64,12 +68,31 @@ class SPSAResult:
         loss_plus: ``[q]`` losses at ``theta + eps z_j``.
         loss_minus: ``[q]`` losses at ``theta - eps z_j``.
         skipped: the update was skipped because some ``g_j`` was not finite.
+        num_skipped: how many SPSA steps were skipped (an update may take several).
     """
 
     projected_grads: Tensor
     loss_plus: Tensor
     loss_minus: Tensor
     skipped: bool
+    num_skipped: int = -1  # SPSA steps skipped (several per update); -1: from ``skipped``
+
+    @classmethod
+    def concatenate(cls, results: list[SPSAResult]) -> SPSAResult:
+        """Several steps' results as one (``[n q]`` values; skipped if any was)."""
+        if len(results) == 1:
+            return results[0]
+        return cls(
+            torch.cat([r.projected_grads for r in results]),
+            torch.cat([r.loss_plus for r in results]),
+            torch.cat([r.loss_minus for r in results]),
+            any(r.skipped for r in results),
+            sum(r.num_skipped for r in results),
+        )
+
+    def __post_init__(self) -> None:
+        if self.num_skipped < 0:
+            self.num_skipped = int(self.skipped)
 
     @property
     def projected_grad(self) -> float:
@@ -141,6 +164,7 @@ def spsa_step(
     exact_restore: bool = True,
     cache_directions: bool = False,
     reduce_fn: ReduceFn | None = None,
+    update_fn: UpdateFn | None = None,
 ) -> SPSAResult:
     """One forward-only update of ``params`` (see the module docstring for the math).
 
@@ -158,6 +182,11 @@ def spsa_step(
             (same numbers; for small trainable sets).
         reduce_fn: averages the ``[3, q]`` tensor of ``(g, L+, L-)`` across data-parallel
             ranks (one all-reduce per step); ``None`` on one process.
+        update_fn: ``None``: plain SGD, ``theta -= lr (mean_j g_j z_j + lambda theta)``, with
+            ``z`` regenerated and never held whole. Otherwise called once ``theta`` is restored,
+            as ``update_fn(params, gradient)`` where ``gradient(name, param)`` returns that
+            tensor's estimate ``mean_j g_j z_j`` (materialised one tensor at a time); the rule
+            then owns ``lr`` and weight decay (:mod:`zopro_lightning.optim`).
     """
     if eps <= 0 or not math.isfinite(eps):
         raise ValueError(f"spsa_step: eps must be a positive finite number, got {eps}.")
@@ -193,9 +222,11 @@ def spsa_step(
     skipped = not bool(torch.isfinite(grads).all())
     last = num_perturbations - 1
     pending_restore = eps if backup is None else 0.0  # theta - eps z_last awaits its + eps z_last
-    if skipped:
+    if skipped or update_fn is not None:
         if pending_restore:
             perturb_(params, directions, last, pending_restore)
+        if not skipped:
+            update_fn(params, _gradient_estimate(directions, grads))
         return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
     decays = {
         name: 1.0 - lr * weight_decay if weight_decay and applies_weight_decay(name, param) else 1
@@ -210,3 +241,16 @@ def spsa_step(
         restore = pending_restore if j == last else 0.0
         perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
     return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
+
+
+def _gradient_estimate(directions: _Directions, grads: Tensor) -> GradientFn:
+    """``gradient(name, param) = mean_j g_j z_j`` for one tensor (``z_j`` regenerated)."""
+    q = len(grads)
+
+    def gradient(name: str, param: Tensor) -> Tensor:
+        total = torch.zeros_like(param)
+        for j in range(q):
+            total.add_(directions(j, name, param), alpha=float(grads[j]) / q)
+        return total
+
+    return gradient
