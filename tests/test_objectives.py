@@ -23,6 +23,15 @@ def test_rloo_leaves_out_nan_rewards():
     assert torch.equal(adv, torch.zeros(2))
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_rloo_leaves_out_infinite_rewards_as_it_does_nan(bad):
+    """A single +inf (or -inf) reward is not clamped to the group's best (or worst): it gets
+    advantage 0 and the others' baselines use only the finite rewards."""
+    adv = rloo_advantages(torch.tensor([1.0, bad, 3.0, 0.0]), k=4)
+    assert torch.allclose(adv, torch.tensor([1 - 1.5, 0.0, 3 - 0.5, 0 - 2.0]))
+    assert torch.isfinite(adv).all()
+
+
 def test_rloo_needs_k_of_two():
     with pytest.raises(ValueError, match="k must be >= 2"):
         rloo_advantages(torch.tensor([1.0, 2.0]), k=1)

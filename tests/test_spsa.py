@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from zopro_lightning.samplers import GaussianSampler
-from zopro_lightning.spsa import spsa_step
+from zopro_lightning.spsa import derive_seed, spsa_step, tensor_generator
 
 
 def quadratic_problem():
@@ -157,8 +158,6 @@ def test_weight_decay_spares_vectors_and_q_averages():
 
 
 def test_bad_eps_is_refused():
-    import pytest
-
     with pytest.raises(ValueError, match="eps"):
         spsa_step(
             {"w": torch.ones(2)},
@@ -167,4 +166,226 @@ def test_bad_eps_is_refused():
             seed=0,
             eps=0.0,
             lr=0.1,
+        )
+
+
+# --- the estimate against autograd, the 1/q average, the skip and the guards ---------------
+
+
+def regenerated(sampler, seed: int, j: int, params: dict) -> dict[str, torch.Tensor]:
+    """``z_j`` of step ``seed``, drawn again from its seed as the step draws it."""
+    return {
+        n: sampler.sample(n, p, tensor_generator(derive_seed(seed, j), n, p.device))
+        for n, p in params.items()
+    }
+
+
+def test_projected_grads_match_autograd_on_the_clipped_surrogate(lora_policy):
+    """``g_j = (L+ - L-) / 2 eps`` against autograd's ``z_j . grad L`` for the real loss (tiny
+    LoRA Llama in float64, completion log-probs, clipped surrogate with some rows clipped)."""
+    from zopro_lightning.objectives import clipped_surrogate
+    from zopro_lightning.rollout import completion_logprobs
+
+    policy = lora_policy.double().eval()
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(1)
+    n, prompt_len, completion_len = 6, 5, 4
+    input_ids = torch.randint(
+        5, policy.config.vocab_size, (n, prompt_len + completion_len), generator=g
+    )
+    attention_mask = torch.ones_like(input_ids)
+    completion_mask = torch.ones(n, completion_len)
+    completion_mask[1, 3:] = completion_mask[4, 2:] = 0  # shorter completions, padded
+    with torch.no_grad():
+        current = completion_logprobs(policy, input_ids, attention_mask, completion_mask)
+    # ratios away from 1: rows 1 (A > 0, ratio 1.5) and 2 (A < 0, ratio 0.7) are clipped
+    ratios = torch.tensor([1.0, 1.5, 0.7, 1.05, 0.9, 0.6])
+    old_logprobs = current - ratios.log()
+    advantages = torch.tensor([1.0, 2.0, -1.0, -0.5, 0.8, 1.5])
+
+    def loss() -> torch.Tensor:
+        new = completion_logprobs(policy, input_ids, attention_mask, completion_mask)
+        return clipped_surrogate(new, old_logprobs, advantages, clip_range=0.2).mean()
+
+    loss().backward()
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    policy.zero_grad(set_to_none=True)
+    q, seed, sampler = 8, 11, GaussianSampler()
+    theta = {name: p.detach().clone() for name, p in params.items()}
+    result = spsa_step(params, loss, sampler, seed=seed, eps=1e-3, lr=0.0, num_perturbations=q)
+    assert all(torch.equal(params[name], theta[name]) for name in theta)
+    expected = torch.tensor(
+        [
+            sum(float((z[name] * grads[name]).sum()) for name in grads)
+            for z in (regenerated(sampler, seed, j, params) for j in range(q))
+        ],
+        dtype=torch.float64,
+    )
+    error = float((result.projected_grads - expected).norm() / expected.norm())
+    assert error <= 1e-2, (result.projected_grads, expected)
+
+
+def smooth_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A loss whose change along each direction differs (so the g_j differ)."""
+    return (
+        params["w"].sin().sum()
+        + (params["w"] @ params["bias"]).pow(2).sum()
+        + params["bias"].pow(3).sum()
+    )
+
+
+def finite_difference(loss, theta: dict, z: dict, eps: float) -> float:
+    plus = {n: theta[n] + eps * z[n] for n in theta}
+    minus = {n: theta[n] - eps * z[n] for n in theta}
+    return float((loss(plus) - loss(minus)) / (2 * eps))
+
+
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_update_is_the_mean_over_q_of_g_z_with_a_loss_that_varies_with_z(exact_restore):
+    theta = {"w": torch.randn(5, 4, dtype=torch.float64), "bias": torch.randn(4).double()}
+    params = {n: t.clone() for n, t in theta.items()}
+    q, seed, eps, lr, sampler = 3, 4, 1e-4, 0.05, GaussianSampler()
+    result = spsa_step(
+        params,
+        lambda: smooth_loss(params),
+        sampler,
+        seed=seed,
+        eps=eps,
+        lr=lr,
+        num_perturbations=q,
+        exact_restore=exact_restore,
+    )
+    zs = [regenerated(sampler, seed, j, theta) for j in range(q)]
+    g = torch.tensor(
+        [finite_difference(smooth_loss, theta, z, eps) for z in zs], dtype=torch.float64
+    )
+    assert torch.allclose(result.projected_grads, g, rtol=1e-6)
+    assert float(g.std()) > 0.1 * float(g.abs().mean())  # the directions do disagree
+    for name in theta:
+        expected = theta[name] - lr * sum(g[j] * zs[j][name] for j in range(q)) / q
+        assert torch.allclose(params[name], expected, rtol=0, atol=1e-9), name
+
+
+def test_one_non_finite_g_of_q_skips_the_whole_update():
+    """Any non-finite ``g_j`` skips, not only all of them: the finite ones are measured and
+    reported, ``theta`` stays bit-identical, and the skip is for ``g`` (not the update)."""
+    theta = torch.randn(6, 3)
+    params = {"w": theta.clone()}
+    calls = []
+
+    def loss():
+        calls.append(None)  # calls 3 and 4 evaluate direction j = 1
+        return torch.tensor(float("nan")) if len(calls) == 3 else (params["w"] ** 2).sum()
+
+    result = spsa_step(
+        params, loss, GaussianSampler(), seed=2, eps=1e-3, lr=0.1, num_perturbations=3
+    )
+    assert result.skipped and result.num_skipped == 1 and not result.non_finite_update
+    assert torch.isfinite(result.projected_grads).tolist() == [True, False, True]
+    assert torch.equal(params["w"], theta)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_lr_skips_before_touching_theta(lr):
+    theta = {"w": torch.randn(4, 3), "bias": torch.randn(3)}
+    for exact_restore in (True, False):
+        params = {n: t.clone() for n, t in theta.items()}
+        result = spsa_step(
+            params,
+            lambda p=params: smooth_loss(p),
+            GaussianSampler(),
+            seed=0,
+            eps=1e-3,
+            lr=lr,
+            weight_decay=0.1,
+            exact_restore=exact_restore,
+        )
+        assert result.skipped and result.non_finite_update and result.num_skipped == 1
+        for name in theta:
+            if exact_restore:
+                assert torch.equal(params[name], theta[name])
+            else:  # the arithmetic restore: within rounding, as after any step of that mode
+                assert torch.allclose(params[name], theta[name], atol=1e-6)
+
+
+def test_an_update_that_overflows_is_undone_bit_identically():
+    """``lr * g`` finite in float32 but ``theta - lr g z`` overflows: undone from the step's
+    copy; an ``lr * g`` beyond float32 is refused before the update."""
+    theta = torch.randn(8, 8)
+    sampler = GaussianSampler()
+    g = float(regenerated(sampler, 0, 0, {"w": theta})["w"].sum())  # g of L = sum(w): sum(z)
+    for lr in (0.9 * torch.finfo(torch.float32).max / abs(g), 1e39):
+        params = {"w": theta.clone()}
+        result = spsa_step(params, lambda p=params: p["w"].sum(), sampler, seed=0, eps=1e-3, lr=lr)
+        assert result.skipped and result.non_finite_update and result.num_skipped == 1
+        assert torch.equal(params["w"], theta)
+    # without a copy there is nothing to undo from: said so, with the fix
+    params = {"w": theta.clone()}
+    with pytest.raises(FloatingPointError, match="exact_restore=True"):
+        spsa_step(
+            params,
+            lambda: params["w"].sum(),
+            sampler,
+            seed=0,
+            eps=1e-3,
+            lr=0.9 * torch.finfo(torch.float32).max / abs(g),
+            exact_restore=False,
+        )
+
+
+def test_max_abs_grad_clamps_each_g_after_the_cross_rank_mean():
+    theta = {"w": torch.randn(5, 4, dtype=torch.float64), "bias": torch.randn(4).double()}
+    q, seed, eps, lr, sampler = 4, 9, 1e-4, 0.01, GaussianSampler()
+    zs = [regenerated(sampler, seed, j, theta) for j in range(q)]
+    g = torch.tensor(
+        [finite_difference(smooth_loss, theta, z, eps) for z in zs], dtype=torch.float64
+    )
+    bound = float(g.abs().median())  # some g_j above it, some below
+    outcomes = {}
+    for max_abs_grad in (None, bound):
+        params = {n: t.clone() for n, t in theta.items()}
+        outcomes[max_abs_grad] = result = spsa_step(
+            params,
+            lambda p=params: smooth_loss(p),
+            sampler,
+            seed=seed,
+            eps=eps,
+            lr=lr,
+            num_perturbations=q,
+            max_abs_grad=max_abs_grad,
+        )
+        used = g if max_abs_grad is None else g.clamp(-bound, bound)
+        assert torch.allclose(result.projected_grads, used, rtol=1e-6)
+        for name in theta:
+            expected = theta[name] - lr * sum(used[j] * zs[j][name] for j in range(q)) / q
+            assert torch.allclose(params[name], expected, atol=1e-9), name
+    assert outcomes[None].num_clipped == 0
+    assert outcomes[bound].num_clipped == int((g.abs() > bound).sum()) > 0
+    # the bound applies to the averaged g: here the "ranks" average to half, under the bound
+    params = {n: t.clone() for n, t in theta.items()}
+    result = spsa_step(
+        params,
+        lambda p=params: smooth_loss(p),
+        sampler,
+        seed=seed,
+        eps=eps,
+        lr=lr,
+        num_perturbations=q,
+        reduce_fn=lambda stats: stats / 2,
+        max_abs_grad=float(g.abs().max()) * 0.6,
+    )
+    assert result.num_clipped == 0
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
+def test_bad_max_abs_grad_is_refused(bound):
+    with pytest.raises(ValueError, match="max_abs_grad"):
+        spsa_step(
+            {"w": torch.ones(2)},
+            lambda: torch.tensor(0.0),
+            GaussianSampler(),
+            seed=0,
+            eps=1e-3,
+            lr=0.1,
+            max_abs_grad=bound,
         )

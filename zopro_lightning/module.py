@@ -36,7 +36,7 @@ from zopro_lightning.checkpointing import (
 from zopro_lightning.distributed import agree_on_seed, cross_rank_mean, ddp_wrapper
 from zopro_lightning.objectives import clipped_surrogate
 from zopro_lightning.optim import UPDATE_RULES, ZerothOrderOptimizer
-from zopro_lightning.rewards import RewardFn
+from zopro_lightning.rewards import NonFiniteRewards, RewardFn
 from zopro_lightning.rollout import Rollout, RolloutConfig, collect_rollout, completion_logprobs
 from zopro_lightning.samplers import GaussianSampler, PerturbationSampler
 from zopro_lightning.spsa import derive_seed
@@ -110,6 +110,8 @@ class ZOPrOModule(LightningModule):
         zo_trainable: a regular expression; zeroth-order steps perturb and move only the
             trainable tensors whose names match it (``None``: all). Fewer perturbed values, less
             SPSA noise.
+        zo_max_abs_grad: bound on each projected gradient ``|g_j|`` of a zeroth-order step
+            (``None``: off); clamped values are logged as ``clipped_grads``.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class ZOPrOModule(LightningModule):
         zo_betas: tuple[float, float] = (0.9, 0.999),
         zo_steps_per_update: int = 1,
         zo_trainable: str | None = None,
+        zo_max_abs_grad: float | None = None,
     ) -> None:
         super().__init__()
         self._check_hparams(optimizer, eps, k, temperature, num_perturbations, accumulate_batches)
@@ -162,6 +165,7 @@ class ZOPrOModule(LightningModule):
         self.sampler: PerturbationSampler = sampler if sampler is not None else GaussianSampler()
         self.policy_updates = 0
         self.skipped_steps = 0
+        self.nonfinite_rewards = NonFiniteRewards()  # counted and warned about once an update
         self.last_rollout: Rollout | None = None
         self._pending: list[Rollout] = []
         # a frozen copy of the reference policy, held outside the module tree so it is neither
@@ -309,6 +313,7 @@ class ZOPrOModule(LightningModule):
                 rule=h.get("zo_rule", "sgd"),
                 betas=tuple(h.get("zo_betas", (0.9, 0.999))),
                 steps_per_update=h.get("zo_steps_per_update", 1),
+                max_abs_grad=h.get("zo_max_abs_grad"),
             )
         total = self.total_policy_updates()
         self.sampler.set_horizon(total)
@@ -435,6 +440,7 @@ class ZOPrOModule(LightningModule):
         if len(self._pending) < self.hparams.accumulate_batches:
             return None
         rollouts, self._pending = self._pending, []
+        self.nonfinite_rewards.record([r.rewards for r in rollouts], self.policy_updates)
         optimizer = self.optimizers()
         if self.hparams.optimizer == "zeroth_order":
             step_metrics = self._zeroth_order_update(optimizer, rollouts)
@@ -445,6 +451,7 @@ class ZOPrOModule(LightningModule):
         metrics = {
             key: sum(r.metrics[key] for r in rollouts) / len(rollouts) for key in rollout.metrics
         }
+        metrics["nonfinite_rewards_total"] = float(self.nonfinite_rewards.total)
         self.log_dict(
             {f"policy/{k}": v for k, v in (metrics | step_metrics).items()},
             on_step=True,
@@ -478,6 +485,7 @@ class ZOPrOModule(LightningModule):
             "loss": result.loss,
             "lr": lr,
             "skipped_steps": float(self.skipped_steps),
+            "clipped_grads": float(result.num_clipped),
         }
         return metrics | sampler_metrics
 

@@ -39,10 +39,18 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
     For each prompt's group of ``k`` rewards ``rho_1..rho_k``:
     ``b_i = (sum_j rho_j - rho_i) / (k - 1)`` and ``A_i = rho_i - b_i``.
 
-    Non-finite rewards (a reward callable that returned NaN for some items) are left out:
-    the baseline averages the finite rewards of the other members, the left-out completion gets
-    advantage 0 (it does not move the policy), and a group with fewer than two finite rewards
-    gets advantages 0.
+    Non-finite rewards (NaN, +inf or -inf) are left out: the baseline averages the finite
+    rewards of the other members, the left-out completion gets advantage 0 (it does not move
+    the policy), and a group with fewer than two finite rewards gets advantages 0. The module
+    counts them and warns (:class:`zopro_lightning.rewards.NonFiniteRewards`).
+
+    Why ±inf is left out rather than clamped: an infinite score has no magnitude to keep, so
+    any finite stand-in (the batch's largest reward, a constant) is invented. Clamped to the
+    top of the group, a +inf completion would tie with or beat the best real one; clamped to a
+    large constant, its advantage would dominate the batch (the more so after scaling to unit
+    std) and every update would push the policy towards whatever broke the reward (an
+    overflowing logit, a division by zero): reward hacking of a bug. Left out, it is neutral,
+    as a NaN is, and the other members keep a finite baseline.
 
     Args:
         rewards: ``[B * k]`` prompt-major.

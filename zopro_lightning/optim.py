@@ -20,6 +20,12 @@ two-forward estimates. Each SPSA step estimates ``g_hat = mean_j g_j z_j`` and a
   theta -= lr (m / (1-b1^t)) / (sqrt(s / (1-b2^t)) + adam_eps) + lr lambda theta`` (ZO-Adam, as
   ranked by ZO-Bench). Two buffers the size of the trainable set; ``lr`` is then a step per
   coordinate, as for first-order Adam.
+
+Guards (:mod:`zopro_lightning.spsa`): a step with a non-finite ``g_j``, a non-finite ``lr`` or
+an update that leaves a non-finite weight or moment is skipped and counted in
+``skipped_steps``; ``theta`` and the moments are left as they were (bit for bit with
+``exact_restore=True``: the moments of the step are copied first, as ``theta`` is).
+``max_abs_grad`` bounds each ``|g_j|`` (off by default).
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         betas: momentum ``beta`` (first value) or Adam's ``(b1, b2)``.
         adam_eps: Adam's denominator guard.
         steps_per_update: SPSA steps per ``step`` call, each with its own directions.
+        max_abs_grad: bound on each ``|g_j|`` (``None``: off); see
+            :func:`~zopro_lightning.spsa.spsa_step`.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         steps_per_update: int = 1,
+        max_abs_grad: float | None = None,
     ) -> None:
         named = list(named_params)
         if not named:
@@ -104,6 +113,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             raise ValueError(f"steps_per_update must be >= 1, got {steps_per_update}.")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}.")
+        if max_abs_grad is not None and not max_abs_grad > 0:
+            raise ValueError(f"max_abs_grad must be > 0 or None (off), got {max_abs_grad}.")
         self.names = [name for name, _ in named]
         defaults = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
         super().__init__([param for _, param in named], defaults)
@@ -116,6 +127,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.adam_eps = float(adam_eps)
         self.steps_per_update = int(steps_per_update)
+        self.max_abs_grad = None if max_abs_grad is None else float(max_abs_grad)
         self.skipped_steps = 0
 
     @property
@@ -163,21 +175,30 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 cache_directions=self.cache_directions,
                 reduce_fn=self.reduce_fn,
                 update_fn=None if self.rule == "sgd" else self._apply_rule,
+                max_abs_grad=self.max_abs_grad,
             )
             self.skipped_steps += int(result.skipped)
             results.append(result)
         self.sampler.step()
         return SPSAResult.concatenate(results)
 
-    def _apply_rule(self, params: Mapping[str, Tensor], gradient: GradientFn) -> None:
-        """Momentum or Adam on the estimate ``g_hat`` of each tensor (module docstring)."""
+    def _apply_rule(self, params: Mapping[str, Tensor], gradient: GradientFn) -> bool:
+        """Momentum or Adam on the estimate ``g_hat`` of each tensor (module docstring).
+
+        Returns ``False`` if a weight or moment came out non-finite; the moments are then put
+        back as they were (from copies taken with ``exact_restore=True``, where ``theta`` is
+        undone too), and the SPSA step undoes ``theta``.
+        """
         group = self.param_groups[0]
         lr, weight_decay = group["lr"], group["weight_decay"]
         beta1, beta2 = self.betas
+        saved: dict[Tensor, dict[str, Tensor]] = {}
         for name, param in params.items():
             g_hat = gradient(name, param)
             decay = weight_decay if applies_weight_decay(name, param) else 0.0
             state = self.state[param]
+            if self.exact_restore:
+                saved[param] = {key: value.clone() for key, value in state.items()}
             if self.rule == "momentum":
                 if decay:
                     g_hat.add_(param, alpha=decay)
@@ -199,6 +220,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             if decay:
                 param.mul_(1 - lr * decay)
             param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+        finite = all(
+            bool(torch.isfinite(t).all())
+            for param in params.values()
+            for t in (param, *self.state[param].values())
+        )
+        if not finite:
+            for param, state in saved.items():
+                self.state[param] = state  # {} for a tensor that had no moments yet
+        return finite
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -217,6 +247,3 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 def zeroth_order_state_bytes_per_value(rule: UpdateRule) -> int:
     """fp32 bytes per trainable value the rule keeps between steps."""
     return {"sgd": 0, "momentum": 4, "adam": 8}[rule]
-
-
-

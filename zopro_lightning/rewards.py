@@ -9,18 +9,23 @@ Any callable of that shape works as the policy's reward. Provided here:
 
 :func:`score_completions` is the boundary every reward goes through: it turns a reward that
 raises, returns the wrong shape or returns only non-finite values into an error that names the
-reward and what it returned.
+reward and what it returned. Some non-finite values among finite ones pass (they are left out
+of the advantages, :func:`~zopro_lightning.objectives.rloo_advantages`);
+:class:`NonFiniteRewards` counts them and warns, rate-limited.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 RewardFn = Callable[[list[str], list[str]], Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class RewardError(ValueError):
@@ -69,6 +74,47 @@ def score_completions(reward_fn: RewardFn, prompts: list[str], completions: list
             "check the reward model's inputs and dtype"
         )
     return rewards
+
+
+class NonFiniteRewards:
+    """Counts the non-finite rewards of each policy update and warns about them, rate-limited.
+
+    :meth:`record` is called once per update with that update's rewards. An update with
+    non-finite rewards warns at most once, and only the 1st, 2nd, 4th, 8th, ... such update
+    warns (each message gives the running totals), so a reward that keeps returning ``inf``
+    is reported without flooding the log.
+
+    Attributes:
+        total: non-finite rewards so far.
+        updates: updates that had at least one.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.updates = 0
+
+    def record(self, rewards: Iterable[Tensor], update: int) -> int:
+        """Count the non-finite values of one update's ``rewards`` (``[N]`` tensors); return how
+        many there were."""
+        values = torch.cat([r.detach().reshape(-1).cpu() for r in rewards])
+        bad = ~torch.isfinite(values)
+        count = int(bad.sum())
+        if count == 0:
+            return 0
+        self.total += count
+        self.updates += 1
+        if self.updates & (self.updates - 1) == 0:  # a power of two: 1, 2, 4, 8, ...
+            nan = int(torch.isnan(values).sum())
+            pos = int((values == float("inf")).sum())
+            log.warning(
+                "update %d: %d of %d rewards were not finite (%d NaN, %d +inf, %d -inf) and were "
+                "left out of the advantages (advantage 0); %d in %d updates so far (this "
+                "warning repeats at the 1st, 2nd, 4th, 8th, ... such update). Check the reward "
+                "function: a non-finite score is usually an overflow or a division by zero.",
+                update, count, values.numel(), nan, pos, count - nan - pos,
+                self.total, self.updates,
+            )  # fmt: skip
+        return count
 
 
 class VaderSentimentReward:

@@ -11,8 +11,28 @@ For step seed ``s`` and each of ``q`` perturbations ``j``::
 step needs the memory of inference. For samplers with i.i.d. coordinates it is not even held
 whole for one tensor: it is drawn and added chunk by chunk, on all CPU threads
 (:mod:`zopro_lightning.draws`). The loss function evaluates every micro-batch at the same
-perturbed point, so ``g`` is the average over micro-batches that share ``z``. A non-finite
-``g`` skips the update and leaves ``theta`` bit-identical.
+perturbed point, so ``g`` is the average over micro-batches that share ``z``.
+
+Guards (each one counts the step as skipped, ``SPSAResult.skipped``):
+
+- **non-finite g**: if *any* ``g_j`` is NaN or infinite (after the cross-rank mean), the update
+  is skipped: one bad direction poisons ``mean_j g_j z_j`` whatever the others are.
+- **non-finite update**: if ``lr``, ``lr g_j / q`` or ``lr weight_decay`` is not finite in the
+  weights' dtype (for example ``lr=nan`` from a broken schedule), the update is skipped before
+  it touches
+  ``theta``; if the update was applied and left a NaN or infinite weight (an overflow, or an
+  update rule's state that overflowed), it is undone from the step's copy of ``theta``.
+  ``SPSAResult.non_finite_update`` tells these from a non-finite ``g``. With
+  ``exact_restore=False`` there is no copy to undo from: an applied update that leaves a
+  non-finite weight raises :class:`FloatingPointError` (non-finite scalars are still caught
+  before the update).
+- **bound on |g|** (``max_abs_grad``, off by default): each ``g_j`` is clamped to
+  ``[-max_abs_grad, max_abs_grad]`` after the cross-rank mean (so every rank clamps the same
+  numbers); ``SPSAResult.num_clipped`` counts them. One outlier batch (a reward spike, a
+  loss at a clip boundary) then moves ``theta`` by at most ``lr * max_abs_grad * |z|``.
+
+``theta`` is bit-identical after a skipped step with ``exact_restore=True``; within rounding
+with ``exact_restore=False`` (as after any step of that mode).
 
 Restoration after the two evaluations:
 
@@ -43,8 +63,9 @@ LossFn = Callable[[], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
 #: ``gradient(name, param) -> Tensor``: the step's estimate ``mean_j g_j z_j`` for one tensor
 GradientFn = Callable[[str, Tensor], Tensor]
-#: ``apply(params, gradient)``: an update rule (momentum, Adam moments) in place of plain SGD
-UpdateFn = Callable[[Mapping[str, Tensor], GradientFn], None]
+#: ``apply(params, gradient)``: an update rule (momentum, Adam moments) in place of plain SGD;
+#: returns ``False`` when it left a non-finite value (its state restored), so the step undoes it
+UpdateFn = Callable[[Mapping[str, Tensor], GradientFn], "bool | None"]
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -67,8 +88,12 @@ class SPSAResult:
         projected_grads: ``[q]`` the scalars ``g_j`` (averaged across ranks when reduced).
         loss_plus: ``[q]`` losses at ``theta + eps z_j``.
         loss_minus: ``[q]`` losses at ``theta - eps z_j``.
-        skipped: the update was skipped because some ``g_j`` was not finite.
+        skipped: the update was skipped (some ``g_j`` or the update was not finite).
         num_skipped: how many SPSA steps were skipped (an update may take several).
+        non_finite_update: skipped because the update itself was not finite (``lr`` or
+            ``lr g_j`` not finite, or a weight left NaN/infinite and undone).
+        num_clipped: how many ``g_j`` the bound ``max_abs_grad`` clamped (``projected_grads``
+            holds the clamped values, those the update used).
     """
 
     projected_grads: Tensor
@@ -76,6 +101,8 @@ class SPSAResult:
     loss_minus: Tensor
     skipped: bool
     num_skipped: int = -1  # SPSA steps skipped (several per update); -1: from ``skipped``
+    non_finite_update: bool = False
+    num_clipped: int = 0
 
     @classmethod
     def concatenate(cls, results: list[SPSAResult]) -> SPSAResult:
@@ -88,6 +115,8 @@ class SPSAResult:
             torch.cat([r.loss_minus for r in results]),
             any(r.skipped for r in results),
             sum(r.num_skipped for r in results),
+            any(r.non_finite_update for r in results),
+            sum(r.num_clipped for r in results),
         )
 
     def __post_init__(self) -> None:
@@ -165,6 +194,7 @@ def spsa_step(
     cache_directions: bool = False,
     reduce_fn: ReduceFn | None = None,
     update_fn: UpdateFn | None = None,
+    max_abs_grad: float | None = None,
 ) -> SPSAResult:
     """One forward-only update of ``params`` (see the module docstring for the math).
 
@@ -186,12 +216,22 @@ def spsa_step(
             ``z`` regenerated and never held whole. Otherwise called once ``theta`` is restored,
             as ``update_fn(params, gradient)`` where ``gradient(name, param)`` returns that
             tensor's estimate ``mean_j g_j z_j`` (materialised one tensor at a time); the rule
-            then owns ``lr`` and weight decay (:mod:`zopro_lightning.optim`).
+            then owns ``lr`` and weight decay (:mod:`zopro_lightning.optim`). It returns
+            ``False`` if it left a non-finite value (having restored its own state); the step
+            then undoes ``theta`` as for a non-finite weight.
+        max_abs_grad: bound on each ``|g_j|``, applied after the cross-rank mean (``None``: no
+            bound, the default). See the module docstring.
+
+    Raises:
+        FloatingPointError: with ``exact_restore=False`` only, an applied update left a
+            non-finite weight and there is no copy to undo it from.
     """
     if eps <= 0 or not math.isfinite(eps):
         raise ValueError(f"spsa_step: eps must be a positive finite number, got {eps}.")
     if num_perturbations < 1:
         raise ValueError(f"spsa_step: num_perturbations must be >= 1, got {num_perturbations}.")
+    if max_abs_grad is not None and not max_abs_grad > 0:
+        raise ValueError(f"spsa_step: max_abs_grad must be > 0 or None, got {max_abs_grad}.")
     directions = _Directions(sampler, seed, cache_directions)
     backup = {n: p.detach().clone() for n, p in params.items()} if exact_restore else None
 
@@ -219,28 +259,61 @@ def spsa_step(
     if reduce_fn is not None:
         stats = reduce_fn(stats)
     grads, loss_plus_all, loss_minus_all = stats[0], stats[1], stats[2]
-    skipped = not bool(torch.isfinite(grads).all())
-    last = num_perturbations - 1
+    q, last = num_perturbations, num_perturbations - 1
+    skipped = not bool(torch.isfinite(grads).all())  # any non-finite g_j, not all
+    num_clipped = 0
+    if not skipped and max_abs_grad is not None:
+        num_clipped = int((grads.abs() > max_abs_grad).sum())
+        grads = grads.clamp(-max_abs_grad, max_abs_grad)
+    scalars = [lr, lr * weight_decay, *(lr * float(g) / q for g in grads)]
+    # finite in every tensor's dtype: torch refuses a float32 tensor's add_ with alpha > 3.4e38
+    limit = min((torch.finfo(p.dtype).max for p in params.values()), default=math.inf)
+    non_finite_update = not skipped and not all(abs(c) <= limit for c in scalars)  # nan too
+    skipped = skipped or non_finite_update
+
+    def result() -> SPSAResult:
+        return SPSAResult(
+            grads,
+            loss_plus_all,
+            loss_minus_all,
+            skipped,
+            non_finite_update=non_finite_update,
+            num_clipped=num_clipped,
+        )
+
     pending_restore = eps if backup is None else 0.0  # theta - eps z_last awaits its + eps z_last
     if skipped or update_fn is not None:
         if pending_restore:
             perturb_(params, directions, last, pending_restore)
-        if not skipped:
-            update_fn(params, _gradient_estimate(directions, grads))
-        return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
-    decays = {
-        name: 1.0 - lr * weight_decay if weight_decay and applies_weight_decay(name, param) else 1
-        for name, param in params.items()
-    }
-    for name, param in params.items():
-        if decays[name] != 1:
-            param.mul_(decays[name])
-    for j in range(num_perturbations):
-        alpha = -lr * float(grads[j]) / num_perturbations
-        # the restore of the last z is fused into its update: one pass over z_last, not two
-        restore = pending_restore if j == last else 0.0
-        perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
-    return SPSAResult(grads, loss_plus_all, loss_minus_all, skipped)
+        if skipped:
+            return result()
+        finite = update_fn(params, _gradient_estimate(directions, grads)) is not False
+    else:
+        decays = {
+            name: 1.0 - lr * weight_decay
+            if weight_decay and applies_weight_decay(name, param)
+            else 1
+            for name, param in params.items()
+        }
+        for name, param in params.items():
+            if decays[name] != 1:
+                param.mul_(decays[name])
+        for j in range(q):
+            alpha = -lr * float(grads[j]) / q
+            # the restore of the last z is fused into its update: one pass over z_last, not two
+            restore = pending_restore if j == last else 0.0
+            perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
+        finite = True
+    if not (finite and all(bool(torch.isfinite(p).all()) for p in params.values())):
+        if backup is None:
+            raise FloatingPointError(
+                "spsa_step: the update left non-finite weights (an overflow: lr * g too large) "
+                "and exact_restore=False keeps no copy to undo it from. Fix: lower lr, bound "
+                "|g| with max_abs_grad, or pass exact_restore=True."
+            )
+        restore_theta()
+        skipped = non_finite_update = True
+    return result()
 
 
 def _gradient_estimate(directions: _Directions, grads: Tensor) -> GradientFn:
