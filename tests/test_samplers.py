@@ -215,3 +215,18 @@ def test_isotropic_scale_is_one_factor_for_all_tensors():
     assert torch.equal(
         restored.sample("a.weight", mu["a.weight"], torch.Generator()), z["a.weight"]
     )
+
+
+def test_smoothing_blends_the_previous_direction_in():
+    first, second = directions(seed=1)
+    sampler = ZOPrOSampler(decay="constant", initial_decay=1.0, smoothing=0.75,
+                           scale="previous_update")
+    sampler.set_directions({NAME: first})
+    sampler.set_directions({NAME: second})
+    assert torch.allclose(draw(sampler), 0.75 * first + 0.25 * second, atol=1e-6)
+    plain = ZOPrOSampler(decay="constant", initial_decay=1.0, scale="previous_update")
+    plain.set_directions({NAME: first})
+    plain.set_directions({NAME: second})
+    assert torch.allclose(draw(plain), second, atol=1e-6)  # default: the last update alone
+    with pytest.raises(ValueError, match="smoothing"):
+        ZOPrOSampler(smoothing=1.0)

@@ -251,12 +251,7 @@ class Pipeline:
         iteration_optimizer(cfg.loop.schedule, 0)  # an unknown schedule fails before any work
         self.eval_scores: list[list[float]] = []  # per-prompt means of every evaluation
         self.judge: Any = None
-        self.summary: dict[str, Any] = {
-            "task": cfg.dataset.name,
-            "sampler": cfg.sampler.name,
-            "optimizer": cfg.loop.schedule,
-            "seed": cfg.seed,
-        }
+        self.summary: dict[str, Any] = self.summary_header()
         if self.gold_reward is None:
             self.summary["gold_evaluation"] = (
                 f"skipped: dataset {cfg.dataset.name} has no gold reward; policy_reward_* are "
@@ -264,6 +259,17 @@ class Pipeline:
             )
         if hasattr(self.task, "n_filtered"):
             self.summary["prompts_over_length"] = self.task.n_filtered
+
+    def summary_header(self) -> dict[str, Any]:
+        """What the config says of the run (kept over a restored summary: a run branched from
+        another's state, as ``bench/schedules.py`` does, says what it ran)."""
+        cfg = self.cfg
+        return {
+            "task": cfg.dataset.name,
+            "sampler": cfg.sampler.name,
+            "optimizer": cfg.loop.schedule,
+            "seed": cfg.seed,
+        }
 
     def build_task(self) -> tuple[Any, Any]:
         """``(tokenizer, task)``: the pretrained tokenizer first (passed to the task when the
@@ -526,7 +532,7 @@ class Pipeline:
         else:
             reward = self.build_reward_model()
             load_trainable(reward.model, started["reward"])
-            self.summary = started["summary"]
+            self.summary = started["summary"] | self.summary_header()
             self.eval_scores = list(started.get("eval_scores", []))
         self.to_device(reward.model)
         self.seed_phase("policy")
@@ -725,7 +731,7 @@ class Pipeline:
         sampler.load_state_dict(state["sampler"])
         self.policy_module.policy_updates = int(state["policy_updates"])
         self.policy_module.skipped_steps = int(state["skipped_steps"])
-        self.summary = state["summary"]
+        self.summary = state["summary"] | self.summary_header()
         self.eval_scores = list(state.get("eval_scores", []))
         self.judge_counts = dict(state["judge"])
         return t + 1

@@ -193,6 +193,9 @@ class ZOPrOSampler:
             at the start of every ``fit`` with that fit's updates).
         initial_decay: ``d_0`` in ``[0, 1]``.
         exp_rate: the rate of the exponential schedule (1.0 as in DESIGN.md).
+        smoothing: ``s`` in ``mu <- s mu_prev + (1 - s) mu_new`` at each :meth:`set_directions`
+            (per tensor, same shape): a noisy iteration then steers the next one less. 0 (the
+            default): the previous iteration's update alone, as published.
         scale: ``"isotropic"`` (default) or ``"previous_update"`` (DESIGN.md's literal
             formula; its ``g`` collapses to 0 once ``mu`` is small, see above).
     """
@@ -203,6 +206,7 @@ class ZOPrOSampler:
         total_steps: int | None = None,
         initial_decay: float = 1.0 - 1e-3,
         exp_rate: float = 1.0,
+        smoothing: float = 0.0,
         scale: Literal["previous_update", "isotropic"] = "isotropic",
     ) -> None:
         if scale not in ("previous_update", "isotropic"):
@@ -225,6 +229,9 @@ class ZOPrOSampler:
         self.total_steps = total_steps
         self.initial_decay = float(initial_decay)
         self.exp_rate = float(exp_rate)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"ZOPrOSampler: smoothing must lie in [0, 1), got {smoothing}.")
+        self.smoothing = float(smoothing)
         self.decay = float(initial_decay)
         self.num_steps = 0
         self._mu: dict[str, Tensor] = {}  # flattened, by canonical name
@@ -250,6 +257,11 @@ class ZOPrOSampler:
         """
         updates = {canonical_name(n): t.detach() for n, t in (policy_update or {}).items()}
         mu = {name: t.float().flatten().clone() for name, t in updates.items()}
+        if self.smoothing:
+            for name, flat in mu.items():
+                previous = self._mu.get(name)
+                if previous is not None and previous.shape == flat.shape:
+                    mu[name] = self.smoothing * previous + (1 - self.smoothing) * flat
         shapes = {name: tuple(t.shape) for name, t in updates.items()}
         v_hat: dict[str, Tensor] = {}
         for raw_name, tensor in (reward_update or {}).items():

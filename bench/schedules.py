@@ -1,0 +1,247 @@
+"""The paper's comparison on the embedded task: first-order in every iteration, first-order
+then zeroth-order (ZOPrO's targeted sampler, or the isotropic Gaussian one), and fully
+zeroth-order, each through ``zopro-train``'s own pipeline, refinement included.
+
+Per seed, the ``first_order`` run is made whole (SFT, r_0, T iterations). Every other method
+*branches* from its state: a new run directory gets the base run's SFT model and ``state/``
+after r_0 (and, for ``first_order_then_zeroth_order``, after iteration 0, which is the same
+first-order iteration with the same seed), its own ``run_config.yaml``, and the pipeline
+resumes it. So all methods of a seed share SFT and r_0, and the first-order-then-ZO methods
+share iteration 0 bit for bit; only what differs is run again.
+
+The gold reward is measured after every iteration on the same held-out prompts with the same
+sampling seed, so differences are paired; ``summary.json`` carries the per-iteration gains'
+standard errors. Training wall-clock is the policy-learning time of each iteration (no
+evaluation, no refinement).
+
+    python bench/schedules.py --seeds 0 1 2 3 4                  # the four methods
+    python bench/schedules.py --seeds 100 101 --methods zopro \\
+        --set zopro:sampler.lr=1e-2 --tag tune_lr1e-2             # a variant (tuning seeds)
+
+Writes ``bench/results/schedules[_TAG].json`` and ``.png`` (gold against updates and against
+training seconds, mean +- s.e. over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, write_results  # noqa: E402
+
+#: each method's overrides of zopro-train's defaults
+METHODS: dict[str, list[str]] = {
+    "first_order": ["loop.schedule=first_order"],
+    "zopro": ["loop.schedule=first_order_then_zeroth_order", "sampler=zopro"],
+    "gaussian": ["loop.schedule=first_order_then_zeroth_order", "sampler=gaussian"],
+    "zeroth_order": ["loop.schedule=zeroth_order", "sampler=zopro"],
+}
+#: what a branch takes from the base run's state
+SHARED_STATE = {
+    "first_order_then_zeroth_order": ["start", "iteration_0"],
+    "zeroth_order": ["start"],
+}
+QUIET = ["~logger", "interplay.snapshots=false", "interplay.update_cosines=false"]
+
+
+def compose(seed: int, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from zopro_lightning.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=[f"seed={seed}", *QUIET, *overrides])
+
+
+def run(cfg, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from omegaconf import open_dict
+
+    from zopro_lightning.pipeline import run_pipeline
+
+    if resume:
+        with open_dict(cfg):
+            cfg.resume = str(run_dir)
+    return run_pipeline(cfg, run_dir)
+
+
+def base_run(seed: int, common: list[str], workdir: Path) -> Path:
+    """The seed's whole first-order run (made once; reused while its summary exists)."""
+    run_dir = workdir / f"seed_{seed}" / "first_order"
+    if not (run_dir / "summary.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run(compose(seed, [*METHODS["first_order"], "sampler=zopro", *common]), run_dir, False)
+    return run_dir
+
+
+def branch(seed: int, overrides: list[str], base: Path, run_dir: Path) -> dict[str, Any]:
+    """Run ``overrides`` from the base run's shared state (see the module docstring)."""
+    from zopro_lightning.run_state import save_run_config
+
+    cfg = compose(seed, overrides)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (run_dir / "state").mkdir(parents=True)
+    shutil.copytree(base / "sft", run_dir / "sft")
+    for name in SHARED_STATE[cfg.loop.schedule]:
+        shutil.copy2(base / "state" / f"{name}.pt", run_dir / "state" / f"{name}.pt")
+    save_run_config(run_dir, cfg)
+    return run(cfg, run_dir, True)
+
+
+def curve(summary: dict[str, Any], first_order_steps: int, steps: int) -> dict[str, Any]:
+    """Gold after each iteration against cumulative updates and policy seconds (0 = SFT)."""
+    gold = [summary["gold_reward_initial"], *summary["gold_reward_per_iteration"]]
+    updates = [0]
+    for t, optimizer in enumerate(summary.get("optimizer_per_iteration", [])):
+        updates.append(updates[-1] + (first_order_steps if t == 0 and optimizer == "first_order"
+                                      else steps))
+    seconds = [0.0]
+    for s in summary["policy_seconds_per_iteration"]:
+        seconds.append(seconds[-1] + s)
+    return {
+        "gold": gold,
+        "updates": updates,
+        "seconds": seconds,
+        "gain_stderr_per_iteration": summary.get("gold_reward_gain_stderr_per_iteration"),
+        "optimizer_per_iteration": summary.get("optimizer_per_iteration"),
+    }
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0] if values else math.nan), math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def aggregate(curves: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    """Per method: gains (of iterations 1..T; fully ZO: of all) and paired differences."""
+    table: dict[str, Any] = {}
+    for method, by_seed in curves.items():
+        later = [c["gold"][-1] - c["gold"][1] for c in by_seed.values()]
+        whole = [c["gold"][-1] - c["gold"][0] for c in by_seed.values()]
+        seconds_later = [c["seconds"][-1] - c["seconds"][1] for c in by_seed.values()]
+        m, se = mean_se(later)
+        mw, sew = mean_se(whole)
+        table[method] = {
+            "seeds": sorted(by_seed),
+            "gain_iterations_1_to_T": {"mean": m, "se": se, "per_seed": later},
+            "gain_from_sft": {"mean": mw, "se": sew, "per_seed": whole},
+            "policy_seconds_iterations_1_to_T": mean_se(seconds_later)[0],
+            "gold_final": mean_se([c["gold"][-1] for c in by_seed.values()]),
+        }
+    paired: dict[str, Any] = {}
+    for a, b, key in (
+        ("zopro", "gaussian", "gain_iterations_1_to_T"),
+        ("zopro", "first_order", "gain_iterations_1_to_T"),
+    ):
+        if a in table and b in table:
+            seeds = sorted(set(table[a]["seeds"]) & set(table[b]["seeds"]))
+            ga = dict(zip(table[a]["seeds"], table[a][key]["per_seed"], strict=True))
+            gb = dict(zip(table[b]["seeds"], table[b][key]["per_seed"], strict=True))
+            diffs = [ga[s] - gb[s] for s in seeds]
+            m, se = mean_se(diffs)
+            ratio = table[a][key]["mean"] / table[b][key]["mean"] if table[b][key]["mean"] else None
+            paired[f"{a}_minus_{b}"] = {"mean": m, "se": se, "per_seed": diffs, "ratio": ratio}
+    return {"methods": table, "paired": paired}
+
+
+def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, by_seed in curves.items():
+        runs = list(by_seed.values())
+        points = len(runs[0]["gold"])
+        gold = [mean_se([r["gold"][i] for r in runs]) for i in range(points)]
+        for axis, x_key in zip(axes, ("updates", "seconds"), strict=True):
+            x = [statistics.fmean(r[x_key][i] for r in runs) for i in range(points)]
+            means = [g[0] for g in gold]
+            errors = [0.0 if math.isnan(g[1]) else g[1] for g in gold]
+            axis.errorbar(x, means, yerr=errors, marker="o", capsize=3, label=method)
+    axes[0].set_xlabel("policy updates")
+    axes[1].set_xlabel("policy-learning seconds (this machine)")
+    for axis in axes:
+        axis.set_ylabel("held-out gold reward")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"embedded task, mean ± s.e. over seeds {sorted(next(iter(curves.values())))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="an override for one method (repeatable)")
+    parser.add_argument("--common", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run, the base included (repeatable)")
+    parser.add_argument("--workdir", type=Path, default=Path("bench/work/schedules"))
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    extra: dict[str, list[str]] = {m: [] for m in METHODS}
+    for item in args.set:
+        method, _, override = item.partition(":")
+        if method not in METHODS or not override:
+            parser.error(f"--set {item!r}: use METHOD:KEY=VALUE with METHOD in {list(METHODS)}")
+        extra[method].append(override)
+    curves: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+    settings: dict[str, list[str]] = {}
+    started = time.perf_counter()
+    for seed in args.seeds:
+        base = base_run(seed, args.common, args.workdir)
+        for method in args.methods:
+            overrides = [*METHODS[method], *args.common, *extra[method]]
+            settings[method] = overrides
+            if method == "first_order" and not extra[method]:
+                summary = json.loads((base / "summary.json").read_text())
+            else:
+                name = method + "".join(f"_{o}" for o in extra[method])
+                summary = branch(seed, overrides, base, args.workdir / f"seed_{seed}" / name)
+            cfg = compose(seed, overrides)
+            curves[method][seed] = curve(
+                summary, cfg.loop.first_order_steps or cfg.loop.steps_per_iteration,
+                cfg.loop.steps_per_iteration,
+            )
+            row = curves[method][seed]
+            print(f"seed {seed} {method}: gold {[round(g, 4) for g in row['gold']]}"
+                  f" seconds {[round(s, 1) for s in row['seconds']]}", flush=True)
+    name = "schedules" + (f"_{args.tag}" if args.tag else "")
+    out = args.out or RESULTS / f"{name}.json"
+    payload = {
+        "environment": environment(),
+        "seeds": args.seeds,
+        "overrides": settings,
+        "curves": {m: {str(s): c for s, c in by_seed.items()} for m, by_seed in curves.items()},
+        **aggregate(curves),
+        "bench_seconds": time.perf_counter() - started,
+    }
+    write_results(name, payload, out)
+    plot(curves, out.with_suffix(".png"))
+    for method, row in payload["methods"].items():
+        g, w = row["gain_iterations_1_to_T"], row["gain_from_sft"]
+        print(f"{method:>14}: gain 1..T {g['mean']:+.4f} ± {g['se']:.4f}   "
+              f"from SFT {w['mean']:+.4f} ± {w['se']:.4f}   "
+              f"seconds 1..T {row['policy_seconds_iterations_1_to_T']:.1f}")
+    for key, row in payload["paired"].items():
+        print(f"{key:>24}: {row['mean']:+.4f} ± {row['se']:.4f} (ratio {row['ratio']})")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

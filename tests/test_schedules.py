@@ -1,0 +1,132 @@
+"""The pipeline's ``loop.schedule``, per-sampler learning rates, the zeroth-order settings of a
+phase, the paired evaluation, and ``bench/schedules.py``'s branching (one smoke run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from zopro_lightning.pipeline import Pipeline, iteration_optimizer, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "dataset.task.n_train_prompts=16",
+    "dataset.task.n_eval_prompts=4",
+    "dataset.task.n_sft=32",
+    "dataset.task.n_train_pairs=16",
+    "dataset.task.n_eval_pairs=8",
+    "sft.epochs=1",
+    "reward_model.epochs=1",
+    "loop.iterations=2",
+    "loop.steps_per_iteration=2",
+    "loop.first_order_steps=3",
+    "loop.batch_size=2",
+    "loop.checkpoint_every=null",
+    "eval.samples_per_prompt=2",
+    "policy.k=2",
+    "policy.max_new_tokens=6",
+    "model.tiny.hidden_size=16",
+    "model.tiny.intermediate_size=32",
+    "model.tiny.num_heads=2",
+    "interplay.snapshots=false",
+]
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["~logger", *SMALL, *overrides])
+
+
+def test_iteration_optimizer_follows_the_schedule():
+    assert [iteration_optimizer("first_order_then_zeroth_order", t) for t in range(3)] == [
+        "first_order",
+        "zeroth_order",
+        "zeroth_order",
+    ]
+    assert {iteration_optimizer("first_order", t) for t in range(3)} == {"first_order"}
+    assert {iteration_optimizer("zeroth_order", t) for t in range(3)} == {"zeroth_order"}
+    with pytest.raises(ValueError, match="loop.schedule must be one of"):
+        iteration_optimizer("zo_first", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("schedule", "expected", "steps"),
+    [
+        ("first_order_then_zeroth_order", ["first_order", "zeroth_order"], 3 + 2),
+        ("first_order", ["first_order", "first_order"], 3 + 2),
+        ("zeroth_order", ["zeroth_order", "zeroth_order"], 2 + 2),
+    ],
+)
+def test_schedule_sets_each_iterations_optimizer(tmp_path, schedule, expected, steps):
+    summary = run_pipeline(config(f"loop.schedule={schedule}"), tmp_path)
+    assert summary["optimizer"] == schedule
+    assert summary["optimizer_per_iteration"] == expected
+    assert summary["policy_steps"] == steps
+    assert len(summary["policy_seconds_per_iteration"]) == 2
+    # paired evaluation: one standard error per iteration's gain, one for the whole run
+    assert len(summary["gold_reward_gain_stderr_per_iteration"]) == 2
+    assert math.isfinite(summary["gold_reward_stderr"])
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["optimizer"] == schedule
+
+
+def test_zeroth_order_phase_takes_the_samplers_own_lr_eps_and_schedule(tmp_path):
+    cfg = config(
+        "sampler.lr=0.02",
+        "sampler.eps=0.004",
+        "loop.zeroth_order_lr_schedule=linear",
+        "policy.lr_schedule=constant",
+    )
+    pipeline = Pipeline(cfg, tmp_path)
+    from zopro_lightning.module import ZOPrOModule
+
+    class Stub(ZOPrOModule):
+        def __init__(self):  # only what set_optimizer touches
+            import lightning as L
+
+            L.LightningModule.__init__(self)
+            self.save_hyperparameters(
+                {"optimizer": "first_order", "lr": 1.0, "eps": 1e-3, "k": 2, "temperature": 1.0,
+                 "num_perturbations": 1, "accumulate_batches": 1, "lr_schedule": "constant"}
+            )
+
+    pipeline.policy_module = Stub()
+    assert pipeline.set_phase_optimizer(1) == "zeroth_order"
+    h = pipeline.policy_module.hparams
+    assert (h.optimizer, h.lr, h.eps, h.lr_schedule) == ("zeroth_order", 0.02, 0.004, "linear")
+    assert pipeline.set_phase_optimizer(0) == "first_order"
+    assert (h.optimizer, h.lr) == ("first_order", cfg.loop.first_order_lr)
+    assert h.lr_schedule == "constant"
+    # without its own lr the sampler steps with loop.zeroth_order_lr
+    pipeline.cfg = config()
+    pipeline.set_phase_optimizer(1)
+    assert h.lr == pipeline.cfg.loop.zeroth_order_lr and h.eps == pipeline.cfg.policy.eps
+
+
+@pytest.mark.slow
+def test_schedules_bench_branches_share_sft_r0_and_iteration_0(tmp_path):
+    """The benchmark's branches resume from the base run's state: the first-order-then-ZO
+    branch has the base run's SFT, r_0 and iteration 0 bit for bit, then its own iteration 1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import schedules
+
+    common = [arg for o in SMALL for arg in ("--common", o)]
+    payload = schedules.main(
+        ["--seeds", "0", "--methods", "first_order", "zopro", "--workdir", str(tmp_path / "w"),
+         "--out", str(tmp_path / "schedules.json"), *common]
+    )
+    first, zopro = payload["curves"]["first_order"]["0"], payload["curves"]["zopro"]["0"]
+    assert zopro["gold"][:2] == first["gold"][:2]  # SFT and iteration 0: the same numbers
+    assert zopro["optimizer_per_iteration"] == ["first_order", "zeroth_order"]
+    assert first["optimizer_per_iteration"] == ["first_order", "first_order"]
+    assert zopro["updates"] == [0, 3, 5]
+    branch = json.loads((tmp_path / "w" / "seed_0" / "zopro" / "summary.json").read_text())
+    assert branch["optimizer"] == "first_order_then_zeroth_order" and branch["sampler"] == "zopro"
+    assert (tmp_path / "schedules.png").stat().st_size > 0
+    assert "zopro_minus_first_order" in payload["paired"]
