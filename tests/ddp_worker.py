@@ -11,6 +11,8 @@ process group:
 3. a ``RewardModelModule`` fit on pairs shared with :func:`gather_objects`;
 4. :func:`gather_objects` on rank-dependent lists;
 5. a zeroth-order fit stopped at a checkpoint and resumed, beside the uninterrupted fit;
+6. one :class:`ZerothOrderOptimizer` update on a sharded global batch, reduced with the
+   module's cross-rank mean, beside the same update on one process over the whole batch;
 
 and saves what the test compares to ``OUT_DIR/rank{r}.pt``: the trainable tensors after each
 fit, the prompts each rank trained on, and the collectives (profiler op names) issued inside
@@ -38,7 +40,9 @@ from zopro_lightning.data.resumable import ResumableDataLoader  # noqa: E402
 from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
 from zopro_lightning.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
 from zopro_lightning.models import add_lora, build_tiny_causal_lm  # noqa: E402
+from zopro_lightning.optim import ZerothOrderOptimizer  # noqa: E402
 from zopro_lightning.reward_model import PairCollator, RewardModelModule  # noqa: E402
+from zopro_lightning.samplers import GaussianSampler  # noqa: E402
 from zopro_lightning.tokenizer import build_word_tokenizer  # noqa: E402
 
 STEPS = 3
@@ -180,6 +184,47 @@ def reward_fit(tokenizer, task, rank: int, fitted: L.Trainer) -> dict:
     return {"before": before, "after": trainable(reward.model), "pairs": len(pairs)}
 
 
+def data_parallel_step(fitted: L.Trainer, rank: int) -> dict:
+    """One update (q = 2, two SPSA steps) of a small regression on a global batch of 8 rows:
+    each rank evaluates its 4 rows and the step scalars go through the reduce a
+    ``ZOPrOModule`` gives its optimizer (``_cross_rank_mean``); then the same update on this
+    process alone over all 8 rows. A mean over ranks of equal shards equals the global mean,
+    so the two must agree up to rounding (a sum would make an N-times step)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(8, generator=g, dtype=torch.float64)
+    theta = {
+        "w": torch.randn(5, 3, generator=g, dtype=torch.float64),
+        "bias": torch.randn(3, generator=g, dtype=torch.float64),
+    }
+
+    def update(rows: slice, reduce_fn) -> dict:
+        params = {n: t.clone() for n, t in theta.items()}
+
+        def loss() -> torch.Tensor:
+            prediction = torch.tanh(x[rows] @ params["w"] + params["bias"]).sum(-1)
+            return (prediction - y[rows]).pow(2).mean()
+
+        optimizer = ZerothOrderOptimizer(
+            params.items(), GaussianSampler(), lr=0.1, eps=1e-4, num_perturbations=2,
+            steps_per_update=2, reduce_fn=reduce_fn,
+        )  # fmt: skip
+        result = optimizer.step(loss_fn=loss, seed=99)
+        return {
+            "theta": params,
+            "projected_grads": result.projected_grads,
+            "loss_plus": result.loss_plus,
+            "loss_minus": result.loss_minus,
+        }
+
+    shard = slice(4 * rank, 4 * rank + 4)
+    return {
+        "distributed": update(shard, fitted.lightning_module._cross_rank_mean),
+        "single": update(slice(0, 8), None),
+        "theta0": theta,
+    }
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     task = build_sentiment_task(
@@ -200,6 +245,7 @@ def main(out_dir: str) -> None:
     results["resume"] = resume_parity(tokenizer, prompts, rank, Path(out_dir))
     results["first_order"], fitted = policy_fit(tokenizer, prompts, "first_order", rank)
     results["reward_model"] = reward_fit(tokenizer, task, rank, fitted)
+    results["data_parallel_step"] = data_parallel_step(fitted, rank)
     # a fitted trainer's strategy still holds the process group
     results["gathered"] = gather_objects([f"rank{rank}-item{i}" for i in range(rank + 1)], fitted)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")

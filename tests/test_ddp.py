@@ -89,6 +89,22 @@ def test_resume_under_ddp_is_bit_identical_to_an_uninterrupted_run(ranks):
 
 
 @pytest.mark.slow
+def test_two_ranks_take_the_step_of_one_process_on_the_global_batch(ranks):
+    """Each rank's ``g`` (and ``L+``, ``L-``) is its shard's; averaged across the 2 ranks they
+    are the global batch's, so the update equals one process's on all rows (not twice it)."""
+    for rank in ranks:
+        step = rank["data_parallel_step"]
+        distributed, single = step["distributed"], step["single"]
+        for key in ("projected_grads", "loss_plus", "loss_minus"):
+            assert torch.allclose(distributed[key], single[key], rtol=1e-9, atol=0), key
+        for name, tensor in single["theta"].items():
+            assert not torch.equal(tensor, step["theta0"][name])  # the update moved it
+            assert torch.allclose(distributed["theta"][name], tensor, rtol=1e-9, atol=1e-12)
+    zero, one = (r["data_parallel_step"]["distributed"] for r in ranks)
+    assert bit_identical(zero["theta"], one["theta"])
+
+
+@pytest.mark.slow
 def test_gather_objects_concatenates_in_rank_order(ranks):
     expected = ["rank0-item0", "rank1-item0", "rank1-item1"]
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == expected
