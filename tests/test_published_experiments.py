@@ -232,7 +232,6 @@ def run_experiment(
     elapsed = time.perf_counter() - start
     print(f"{experiment} {' '.join(overrides)}: {elapsed:.1f} s")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert elapsed < 180, f"{experiment} took {elapsed:.0f} s at tiny scale"
     return run, elapsed
 
 
