@@ -389,3 +389,13 @@ def test_bad_max_abs_grad_is_refused(bound):
             lr=0.1,
             max_abs_grad=bound,
         )
+
+
+def test_all_finite_is_exact_when_the_sum_overflows():
+    from zopro_lightning.spsa import all_finite
+
+    big = torch.full((4,), 3e38)  # finite values whose float32 sum is inf
+    assert all_finite(big) and all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not all_finite(torch.tensor([1.0, bad, 2.0]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # the sum is nan

@@ -42,6 +42,7 @@ from zopro_lightning.spsa import (
     LossFn,
     ReduceFn,
     SPSAResult,
+    all_finite,
     applies_weight_decay,
     derive_seed,
     spsa_step,
@@ -221,9 +222,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 param.mul_(1 - lr * decay)
             param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
         finite = all(
-            bool(torch.isfinite(t).all())
-            for param in params.values()
-            for t in (param, *self.state[param].values())
+            all_finite(t) for param in params.values() for t in (param, *self.state[param].values())
         )
         if not finite:
             for param, state in saved.items():

@@ -161,6 +161,13 @@ class _Directions:
         return draws.add_draw_tasks(param, self.generator(j, name, param), fill, alpha)
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every value of ``tensor`` is finite: a finite sum proves it (NaN and inf
+    propagate) without a ``[numel]`` mask; only a non-finite sum (or an overflowing one) is
+    checked value by value."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _on_cpu(params: Mapping[str, Tensor]) -> bool:
     return all(p.device.type == "cpu" for p in params.values())
 
@@ -304,7 +311,7 @@ def spsa_step(
             restore = pending_restore if j == last else 0.0
             perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
         finite = True
-    if not (finite and all(bool(torch.isfinite(p).all()) for p in params.values())):
+    if not (finite and all(all_finite(p) for p in params.values())):
         if backup is None:
             raise FloatingPointError(
                 "spsa_step: the update left non-finite weights (an overflow: lr * g too large) "
