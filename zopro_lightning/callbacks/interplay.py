@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from zopro_lightning.interplay.snapshots import SnapshotWriter
-from zopro_lightning.samplers import ZOPrOSampler, canonical_name
+from zopro_lightning.samplers import PerturbationSampler, canonical_name
 
 
 def canonical_trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -208,7 +208,7 @@ def _direction(state: Mapping[str, Any], key: str) -> dict[str, Tensor]:
 class UpdateCosines(Callback):
     """Logs the cosine of each policy update with ``mu`` and with ``v`` (ZOPrO diagnostics).
 
-    For a ``ZOPrOModule`` whose sampler is a :class:`ZOPrOSampler` with directions set:
+    For a ``ZOPrOModule`` whose sampler has directions set (``ZOPrOSampler``):
     on a batch that ends with a policy update, the tensors that have a ``mu`` (or a ``v``) are
     copied at batch start; at batch end the update ``delta = theta_after - theta_before`` gives
 
@@ -232,9 +232,10 @@ class UpdateCosines(Callback):
         self._updates = 0
 
     @staticmethod
-    def _sampler(pl_module: LightningModule) -> ZOPrOSampler | None:
-        sampler = getattr(pl_module, "sampler", None)
-        return sampler if isinstance(sampler, ZOPrOSampler) else None
+    def _sampler(pl_module: LightningModule) -> PerturbationSampler | None:
+        """The module's sampler; its ``state_dict`` says whether it has directions (``"mu"``,
+        ``"v_hat"``): an isotropic sampler has none, so nothing is logged for it."""
+        return getattr(pl_module, "sampler", None)
 
     @staticmethod
     def _ends_with_update(pl_module: LightningModule) -> bool:
