@@ -38,13 +38,16 @@ def step_cost_section() -> list[str]:
     for path in sorted(RESULTS.glob("step_cost_*.json")):
         name = path.stem
         result = load(name)
-        command = "python bench/step_cost.py" + (
-            f" --batch {result['batch_sequences']} --seq {result['sequence_tokens']}"
-            if result["batch_sequences"] != 16
-            else ""
-        )
-        if result["repeats"] != 3:
-            command += f" --repeats {result['repeats']}"
+        command = result.get("command")
+        if command is None:  # files written before the command was recorded
+            command = "python bench/step_cost.py" + (
+                f" --batch {result['batch_sequences']} --seq {result['sequence_tokens']}"
+                if result["batch_sequences"] != 16
+                else ""
+            )
+            if result["repeats"] != 3:
+                command += f" --repeats {result['repeats']}"
+        has_adam = any("zo_adam_time_over_forward" in r for r in result["ratios"])
         lines += [
             f"**SPSA step cost** (`{name}`): "
             + origin(result, name, command)
@@ -52,23 +55,142 @@ def step_cost_section() -> list[str]:
             "ratios to one inference forward of the same batch, measured in one process (median "
             "of the per-repeat ratios; fastest: the fastest repeat over the fastest forward).",
             "",
-            "| model | trainable | ZO time / fwd (median; fastest) | FO time / fwd (median; "
-            "fastest) | ZO peak / fwd | FO peak / fwd |",
-            "|---|---|---|---|---|---|",
+            "| model | trainable | ZO time / fwd (median; fastest) | "
+            + ("ZO-Adam time / fwd (median; fastest) | " if has_adam else "")
+            + "FO time / fwd (median; fastest) | ZO peak / fwd | "
+            + ("ZO-Adam peak / fwd | " if has_adam else "")
+            + "FO peak / fwd |",
+            "|---|---|---|---|---|---|" + ("---|---|" if has_adam else ""),
         ]
 
         def times(r: dict, op: str) -> str:
+            if f"{op}_time_over_forward" not in r:
+                return "–"
             fastest = r.get(f"{op}_time_over_forward_min")
             median = f"{r[f'{op}_time_over_forward']:.2f}"
             return median if fastest is None else f"{median}; {fastest:.2f}"
 
+        def peak(r: dict, op: str) -> str:
+            value = r.get(f"{op}_peak_over_forward")
+            return "–" if value is None else f"{value:.2f}"
+
         for r in result["ratios"]:
+            ops = ("zo", "zo_adam", "fo") if has_adam else ("zo", "fo")
             lines.append(
                 f"| {r['size']} ({r['params_total'] / 1e6:.1f} M), {r['mode']} | "
-                f"{r['params_trainable']:,} | {times(r, 'zo')} | {times(r, 'fo')} | "
-                f"{r['zo_peak_over_forward']:.2f} | {r['fo_peak_over_forward']:.2f} |"
+                f"{r['params_trainable']:,} | "
+                + " | ".join(times(r, op) for op in ops)
+                + " | "
+                + " | ".join(peak(r, op) for op in ops)
+                + " |"
             )
         lines.append("")
+        lines += memory_section(result, name)
+    return lines
+
+
+OPERATION_NAMES = {
+    "forward": "forward",
+    "zeroth_order": "ZO-SGD",
+    "zeroth_order_adam": "ZO-Adam",
+    "first_order": "AdamW",
+}
+GPU_MODE_NAMES = {
+    "zo_sgd_full": "full-parameter ZO-SGD",
+    "zo_adam_full": "full-parameter ZO-Adam",
+    "adamw_full": "full-parameter AdamW",
+    "zo_sgd_lora": "LoRA r=8, ZO-SGD",
+    "zo_adam_lora": "LoRA r=8, ZO-Adam",
+    "adamw_lora": "LoRA r=8, AdamW",
+}
+
+
+def memory_section(result: dict, name: str) -> list[str]:
+    """Bytes per model and per trainable parameter (measured) and the largest model per mode
+    on one GPU (extrapolated), from the ``memory`` and ``memory_model`` blocks."""
+    memory, model = result.get("memory"), result.get("memory_model")
+    if not memory or not model:
+        return []
+    ops = [op for op in OPERATION_NAMES if any(m["operation"] == op for m in memory)]
+    lines = [
+        f"**Memory per parameter** (`{name}`, measured): peak resident memory above the process "
+        "before the model was built (weights, state, activations; float32) ÷ model parameters "
+        "P; in brackets what the operation adds to an inference forward ÷ trainable parameters "
+        f"P_t; {result['batch_sequences']} × {result['sequence_tokens']} tokens.",
+        "",
+        "| model | P | P_t | " + " | ".join(f"{OPERATION_NAMES[op]} B / P" for op in ops) + " |",
+        "|---|---|---|" + "---|" * len(ops),
+    ]
+    keys = []
+    for m in memory:
+        if (m["size"], m["mode"]) not in keys:
+            keys.append((m["size"], m["mode"]))
+    for size, mode in keys:
+        by_op = {m["operation"]: m for m in memory if (m["size"], m["mode"]) == (size, mode)}
+        first = next(iter(by_op.values()))
+        cells = []
+        for op in ops:
+            m = by_op.get(op)
+            if m is None:
+                cells.append("–")
+            elif op == "forward":
+                cells.append(f"{m['bytes_per_param']:.1f}")
+            else:
+                extra = m["extra_over_forward_bytes_per_trainable"]
+                cells.append(f"{m['bytes_per_param']:.1f} (+{max(extra, 0):.1f})")
+        lines.append(
+            f"| {size}, {mode} | {first['params_total'] / 1e6:.1f} M | "
+            f"{first['params_trainable']:,} | " + " | ".join(cells) + " |"
+        )
+    groups = model["coefficients"]
+    checks = [p for p in model["points"] if not p["in_fit"]]
+    worst_fit = max(abs(p["relative_error"]) for p in model["points"] if p["in_fit"])
+    lines += [
+        "",
+        "Memory model (`bench/memory_model.py`"
+        + (
+            f", re-derived by `{result['memory_model_rederived']['command']}`"
+            if "memory_model_rederived" in result
+            else ""
+        )
+        + "): peak = w·P + s·P_t + max(activations, update "
+        "transients), w and s counted from the code (float32 here: AdamW s = 4 B gradient + "
+        "8 B moments; ZO-SGD s = 0 full-parameter, 4 B copy with LoRA; ZO-Adam + 8 B moments), "
+        "activations fitted by non-negative least squares: "
+        + "; ".join(
+            f"{group} {g['alpha_bytes_per_unit']:.1f} B per "
+            f"{g['activation_unit'].replace('*', '·')} + "
+            f"{g['beta_bytes_per_logit']:.2f} B per logit"
+            for group, g in groups.items()
+        )
+        + f". Worst error on the fitted points {worst_fit:.1%}; ZO-Adam, predicted without "
+        "fitting: "
+        + ", ".join(f"{p['size']} {p['mode']} {p['relative_error']:+.1%}" for p in checks)
+        + ".",
+    ]
+    gpu = model["gpu"]
+    lines += [
+        "",
+        f"**Largest Llama-shaped model on one {gpu['budget_bytes'] / 1e9:.0f} GB GPU** "
+        f"(extrapolated from the model above, not measured on a GPU): bf16 weights, "
+        f"{gpu['batch_sequences']} sequences × {gpu['sequence_tokens']} tokens "
+        f"({gpu['completion_tokens']} completion) per step, "
+        f"{(gpu['budget_bytes'] - gpu['reserve_bytes']) / 1e9:.0f} GB usable "
+        f"({gpu['reserve_bytes'] / 1e9:.0f} GB kept for the CUDA context and fragmentation); "
+        f"{gpu['family']}.",
+        "",
+        "| mode | B / parameter (w + state) | B / trainable | activations at the limit | "
+        "largest model | largest, activations excluded |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, m in gpu["modes"].items():
+        lines.append(
+            f"| {GPU_MODE_NAMES.get(mode, mode)} | {m['bytes_per_param']:g} | "
+            f"{m['bytes_per_trainable']:g} | {m['activation_gb']:.1f} GB | "
+            f"**{m['params'] / 1e9:.1f} B** (h {m['hidden']:.0f}, {m['layers']:.0f} layers) | "
+            f"{m['params_state_only'] / 1e9:.1f} B |"
+        )
+    lines += [""] + [f"- {key}: {text}" for key, text in gpu["assumptions"].items()] + [""]
     return lines
 
 
