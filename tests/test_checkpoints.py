@@ -264,7 +264,8 @@ def test_checkpoints_load_with_weights_only(lora_policy, tokenizer, small_task, 
     assert zopro["iteration"] == 2 and zopro["seed"] == 0 and zopro["policy_updates"] == 1
     assert len(zopro["pending"]) == 1  # the third batch's rollout waits for the fourth
     assert zopro["fingerprint"]["model_class"] == "PeftModelForCausalLM(LlamaForCausalLM)"
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 3
+    loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["_num_yielded"] == 3  # torchdata's StatefulDataLoader state
     assert len(checkpoint["callbacks"]["RolloutRecorder"]["records"]) == 6
 
     fresh = ZOPrOModule(

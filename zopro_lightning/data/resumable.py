@@ -1,4 +1,5 @@
-"""A ``DataLoader`` whose position inside an epoch survives a checkpoint.
+"""A ``DataLoader`` whose position inside an epoch survives a checkpoint: torchdata's
+``StatefulDataLoader`` with one fix for the passes after a resume.
 
 What Lightning 2.6 restores on ``fit(ckpt_path=...)``: the loop counters (epoch, batches of the
 current epoch, global step), optimizers, LR schedulers, callback states, and, for every training
@@ -9,81 +10,66 @@ no loader state: Lightning has let go of the loaders by then). A plain
 ``torch.utils.data.DataLoader`` has no such state: a mid-epoch resume starts the epoch over with
 a new shuffle (Lightning warns "resuming from a checkpoint that ended before the epoch ended").
 
-:class:`ResumableDataLoader` is that stateful dataloader, with the smallest state that makes the
-data stream exact: the state of the loader's random generator when the current pass began, and
-how many batches of the pass the trainer has taken. Everything a pass draws (the shuffle
-permutation and the workers' base seed) comes from that generator, so restoring it and skipping
-the batches already taken reproduces the uninterrupted stream batch for batch, including the
-passes after the resumed one.
+``torchdata.stateful_dataloader.StatefulDataLoader`` (0.11) has that state: the shuffle
+generator's state when the current pass began and the samples taken, so the resumed pass is
+exact. **Why a subclass:** a pass draws two things from the loader's one generator, the
+permutation and then the workers' base seed (``_BaseDataLoaderIter.__init__``; drawn with or
+without workers). On restore, ``StatefulDataLoader`` sets the generator back to the pass start
+and redraws only the permutation, so the generator ends one base-seed draw behind the
+uninterrupted run and *every pass after the resumed one* is shuffled differently (checked with
+torchdata 0.11: tests/test_resume.py fails without the fix). :class:`ResumableDataLoader` also
+saves the generator's state after the pass's draws and sets it once the restored iterator is
+built: the stream then matches the uninterrupted one batch for batch, later passes included.
+(The order itself differs from a plain ``DataLoader`` with the same generator, which draws the
+base seed before the permutation; only resume exactness matters here.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+_GENERATOR_AFTER_DRAWS = "zopro_generator_after_draws"
 
 
-class ResumableDataLoader(DataLoader):
-    """Drop-in ``DataLoader`` (same arguments) with ``state_dict``/``load_state_dict``.
+class ResumableDataLoader(StatefulDataLoader):
+    """``StatefulDataLoader`` (same arguments) whose resume is exact across later passes.
 
     Without a ``generator`` argument one is created, seeded from the global RNG as
-    ``RandomSampler`` would be; pass ``generator=torch.Generator().manual_seed(s)`` for a
-    reproducible order. The shuffle must come from this generator (``shuffle=True``, or a
-    sequential order); a custom ``sampler`` with its own randomness is restored only if its
-    order depends on the epoch alone (``set_epoch``, as ``DistributedSampler``).
-
-    Skipped batches are loaded and discarded (not skipped at the index level), which keeps the
-    stream bit-identical, workers' seeds included, at the cost of re-reading the skipped items:
-    negligible for prompt lists. Not exact with ``persistent_workers=True`` (its passes after
-    the first draw no new base seed) or when ``limit_train_batches`` cuts epochs short and the
-    checkpoint falls on an epoch's last batch.
+    ``RandomSampler`` would be, so the shuffle and the workers' base seed share one generator
+    whose state the checkpoint carries; pass ``generator=torch.Generator().manual_seed(s)`` for
+    a reproducible order. A custom ``sampler`` with its own randomness is restored only if its
+    order depends on the epoch alone (``set_epoch``, as ``DistributedSampler``): torchdata then
+    fast-forwards it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("generator") is None:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             kwargs["generator"] = torch.Generator().manual_seed(seed)
-        super().__init__(*args, **kwargs)
-        self._pass_start_state: torch.Tensor = self.generator.get_state()
-        self._batches_taken = 0
-        self._pass_complete = False
-        self._to_restore: tuple[torch.Tensor, int] | None = None
-
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        skip = 0
-        if self._to_restore is not None:
-            generator_state, skip = self._to_restore
-            self._to_restore = None
-            self.generator.set_state(generator_state)
-        self._pass_start_state = self.generator.get_state()
-        self._batches_taken = 0
-        self._pass_complete = False
-        return self._counted(super().__iter__(), skip)
-
-    def _counted(self, batches: Iterator[Any], skip: int) -> Iterator[Any]:
-        for index, batch in enumerate(batches):
-            if index < skip:
-                continue
-            self._batches_taken = index + 1
-            yield batch
-        self._pass_complete = True
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            super().__init__(*args, **kwargs)
+        self._generator_to_restore: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """``generator``: RNG state when the pass to resume begins; ``batches``: batches of it
-        already taken. After a full pass, the state is that of the next pass's start."""
-        if self._pass_complete or 0 < self._length() <= self._batches_taken:
-            return {"generator": self.generator.get_state(), "batches": 0}
-        return {"generator": self._pass_start_state.clone(), "batches": self._batches_taken}
-
-    def _length(self) -> int:
-        try:
-            return len(self)
-        except TypeError:  # an IterableDataset without __len__
-            return 0
+        """torchdata's state plus the generator's state after the current pass's draws."""
+        state = super().state_dict()  # may build the first iterator: its draws come first
+        return {**state, _GENERATOR_AFTER_DRAWS: self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Make the next ``iter()`` resume the saved pass after its taken batches."""
-        self._to_restore = (state["generator"], int(state["batches"]))
+        """Make the next ``iter()`` resume the saved pass, and the passes after it."""
+        state = dict(state)
+        self._generator_to_restore = state.pop(_GENERATOR_AFTER_DRAWS, None)
+        super().load_state_dict(state)
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()  # a restoring iterator redraws the saved permutation
+        if self._generator_to_restore is not None:
+            self.generator.set_state(self._generator_to_restore)
+            self._generator_to_restore = None
+        return iterator
