@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     from zopro_lightning import rollout as rollout_module
     from zopro_lightning.cli import CONFIG_DIR
     from zopro_lightning.module import ZOPrOModule
+    from zopro_lightning.objectives import clipped_surrogate
     from zopro_lightning.optim import ZerothOrderOptimizer
     from zopro_lightning.pipeline import Pipeline
+    from zopro_lightning.rollout import completion_logprobs
     from zopro_lightning.samplers import GaussianSampler
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -99,7 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             adamw.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = module.surrogate_loss([rollout])
+                new_logprobs = completion_logprobs(
+                    policy, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
+                    cfg.policy.temperature,
+                )
+                loss = clipped_surrogate(
+                    new_logprobs, rollout.old_logprobs, rollout.advantages, cfg.policy.clip_range
+                ).mean()
                 loss.backward()
             adamw.step()
             adamw.zero_grad(set_to_none=True)

@@ -21,6 +21,9 @@ two-forward estimates. Each SPSA step estimates ``g_hat = mean_j g_j z_j`` and a
   ranked by ZO-Bench). Two buffers the size of the trainable set; ``lr`` is then a step per
   coordinate, as for first-order Adam.
 
+Buffers take the trainable weights' dtype (4 B a value each for fp32 LoRA adapters; 2 B for
+bf16 weights, where Adam's second moment is coarse: keep trainable weights in fp32 for it).
+
 Guards (:mod:`zopro_lightning.spsa`): a step with a non-finite ``g_j``, a non-finite ``lr`` or
 an update that leaves a non-finite weight or moment is skipped and counted in
 ``skipped_steps``; ``theta`` and the moments are left as they were (bit for bit with
@@ -244,5 +247,5 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
 
 def zeroth_order_state_bytes_per_value(rule: UpdateRule) -> int:
-    """fp32 bytes per trainable value the rule keeps between steps."""
+    """Bytes per fp32 trainable value the rule keeps between steps (half for 16-bit weights)."""
     return {"sgd": 0, "momentum": 4, "adam": 8}[rule]
