@@ -22,9 +22,13 @@ from zopro_lightning.interplay import (
 )
 from zopro_lightning.interplay import snapshots as snapshots_mod
 from zopro_lightning.interplay.analysis import (
+    MIN_PAIRS,
     angle_deg,
+    coordinate_pearson,
     distance_correlation,
     pair_updates,
+    pearson,
+    procrustes_test,
     update_keypoints,
 )
 from zopro_lightning.interplay.cli import main
@@ -93,9 +97,9 @@ def test_identical_trajectories_give_disparity_0_angle_0_correlation_1() -> None
     assert all(a == pytest.approx(0.0, abs=1e-4) for a in out["angle_updates_deg"])
     assert all(a == pytest.approx(0.0, abs=1e-4) for a in out["angle_velocities_deg"][1:])
     assert out["distance_correlation"]["overall"] == pytest.approx(1.0, abs=1e-6)
-    assert all(
-        v == pytest.approx(1.0, abs=1e-6) for v in out["distance_correlation"]["per_step"][3:]
-    )
+    per_step = out["distance_correlation"]["per_step"]
+    assert per_step[:4] == [None] * 4  # fewer than MIN_PAIRS["distance_correlation"] = 5
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in per_step[4:])
     assert out["pearson"]["update_norms"] == pytest.approx(1.0, abs=1e-6)
     assert out["pearson"]["per_coordinate"]["weighted_mean"] == pytest.approx(1.0, abs=1e-6)
     json.dumps(out, allow_nan=False)  # JSON-serialisable, no NaN
@@ -124,13 +128,21 @@ def test_rotated_copy_gives_procrustes_disparity_0() -> None:
     assert out["procrustes"]["p_value"] < 0.05
 
 
-def test_different_widths_are_aligned_by_rotation() -> None:
+def test_without_shared_coordinates_only_basis_free_statistics_are_reported() -> None:
+    """Different widths: each model on its own basis. Procrustes, dCor and the norms' Pearson
+    do not need a common basis; angles and per-coordinate r do, and a rotation fitted to the
+    same pairs would make independent updates look aligned, so they are n/a."""
     p = random_walk(10, 20, seed=4)
     basis, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(35, 20)))
     out = analyse({"policy": p, "reward": p @ basis.T})  # isometric copy in 35 dims
-    assert out["space"] == "aligned"
+    assert out["space"] == "separate"
     assert out["procrustes_disparity"] == pytest.approx(0.0, abs=1e-8)
-    assert all(a == pytest.approx(0.0, abs=1e-3) for a in out["angle_updates_deg"])
+    assert out["distance_correlation"]["overall"] == pytest.approx(1.0, abs=1e-6)
+    assert out["pearson"]["update_norms"] == pytest.approx(1.0, abs=1e-6)
+    assert set(out["angle_updates_deg"]) == set(out["angle_velocities_deg"]) == {None}
+    assert out["pearson"]["per_coordinate"]["n_coordinates"] == 0
+    for name in ("angle_updates", "angle_velocities", "pearson_per_coordinate"):
+        assert out["unavailable"][name] == "n/a: no shared coordinates"
 
 
 def test_independent_updates_have_distance_correlation_near_0() -> None:
@@ -175,6 +187,124 @@ def test_primitives() -> None:
     assert math.isnan(distance_correlation(x[:3], x[:3], unbiased=True))
     with pytest.raises(ValueError, match="needs both"):
         analyse(Trajectories.from_arrays(policy=x))
+
+
+def test_distance_correlation_equals_dcor_and_pearson_equals_numpy() -> None:
+    import dcor  # 5 s of numba kernels: imported here, not by the package
+    rng = np.random.default_rng(10)
+    for n, dx, dy in ((5, 3, 7), (12, 40, 40), (30, 1, 2)):
+        x = rng.normal(size=(n, dx))
+        y = x[:, :1] ** 2 + rng.normal(size=(n, dy))  # dependent, not linearly
+        assert distance_correlation(x, y) == pytest.approx(dcor.distance_correlation(x, y))
+        assert distance_correlation(x, y, unbiased=True) == pytest.approx(
+            dcor.u_distance_correlation_sqr(x, y)
+        )
+        r = pearson(x[:, 0], y[:, 0])
+        assert r == pytest.approx(np.corrcoef(x[:, 0], y[:, 0])[0, 1])
+    assert math.isnan(distance_correlation(np.ones((6, 2)), rng.normal(size=(6, 2))))
+    u, w = rng.normal(size=(6, 50)), rng.normal(size=(6, 50))
+    per_coordinate = coordinate_pearson(u, w)
+    expected = [np.corrcoef(u[:, d], w[:, d])[0, 1] for d in range(50)]
+    assert per_coordinate["n_coordinates"] == 50
+    assert per_coordinate["histogram"]["counts"] == np.histogram(
+        expected, bins=np.linspace(-1, 1, 21)
+    )[0].tolist()
+
+
+def test_least_pairs_follow_from_the_null_distribution() -> None:
+    """Why MIN_PAIRS: for independent samples, bias-corrected dCor^2 of 4 pairs piles up at
+    +-1 (U-centred matrices span v = 2 dims) and Pearson r of 3 points too (v = 2); one pair
+    more and values near 0 are the likeliest."""
+    rng = np.random.default_rng(11)
+
+    def share_near_one(statistic, n: int, draws: int = 400) -> float:
+        values = [statistic(rng.normal(size=(n, 8)), rng.normal(size=(n, 8))) for _ in range(draws)]
+        return float(np.mean(np.abs(values) > 0.95))
+
+    def dcor_u(x, y):
+        return distance_correlation(x, y, unbiased=True)
+
+    def pearson_first(x, y):
+        return pearson(x[:, 0], y[:, 0])
+
+    assert MIN_PAIRS["distance_correlation"] == 5 and MIN_PAIRS["pearson"] == 4
+    assert share_near_one(dcor_u, 4) > 0.1 > 0.02 > share_near_one(dcor_u, 5)
+    assert share_near_one(pearson_first, 3) > 0.15 > share_near_one(pearson_first, 4)
+
+
+def test_procrustes_keeps_fewer_dims_than_points_span() -> None:
+    """n centred points span n - 1 dims; kept whole, independent high-dimensional update sets
+    look congruent (disparity ~0). k = min(procrustes_k, n - 2) keeps the disparity
+    informative: independent sets far from 0, related ones near it."""
+    rng = np.random.default_rng(12)
+    independent, related = [], []
+    for _ in range(40):
+        u = rng.normal(size=(4, 50))
+        run = procrustes_test(u, rng.normal(size=(4, 50)), k=3, n_permutations=0)
+        assert run["k"] == 2
+        independent.append(run["disparity"])
+        near = procrustes_test(u, u + 0.3 * rng.normal(size=(4, 50)), n_permutations=0)
+        related.append(near["disparity"])
+    assert np.median(independent) > 0.2 > 0.05 > np.median(related)
+    assert procrustes_test(rng.normal(size=(2, 9)), rng.normal(size=(2, 9)))["disparity"] is None
+
+
+def test_permutation_tests_are_exact_when_all_orders_fit() -> None:
+    p = random_walk(6, 30, seed=13)  # 5 pairs: 5! = 120 orders <= 199
+    out = analyse({"policy": p, "reward": p.copy()})
+    assert out["procrustes"]["exact"] and out["procrustes"]["n_permutations"] == 120
+    assert out["distance_correlation"]["p_value"] == pytest.approx(1 / 120)
+    assert out["procrustes"]["p_value"] == pytest.approx(1 / 120)
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "missing"),
+    [
+        (5, {"distance_correlation": "n/a: 4 pairs, needs \u2265 5"}),
+        (4, {"distance_correlation": "n/a: 3 pairs, needs \u2265 5",
+             "pearson": "n/a: 3 pairs, needs \u2265 4",
+             "pearson_per_coordinate": "n/a: 3 pairs, needs \u2265 4"}),
+        (3, {"distance_correlation": "n/a: 2 pairs, needs \u2265 5",
+             "pearson": "n/a: 2 pairs, needs \u2265 4",
+             "pearson_per_coordinate": "n/a: 2 pairs, needs \u2265 4",
+             "procrustes": "n/a: 2 pairs, needs \u2265 3"}),
+    ],
+)  # fmt: skip
+def test_too_few_pairs_are_reported_not_drawn(snapshots: int, missing: dict) -> None:
+    from zopro_lightning.interplay.plots import metrics_figure, metrics_matplotlib
+
+    p, r = random_walk(snapshots, 20, seed=15), random_walk(snapshots, 20, seed=16)
+    out = analyse({"policy": p, "reward": r})
+    assert out["unavailable"] == missing
+    dc = out["distance_correlation"]
+    assert dc["overall"] is None and dc["p_value"] is None and set(dc["per_step"]) == {None}
+    if "pearson" in missing:
+        assert out["pearson"]["update_norms"] is None
+        assert out["pearson"]["per_coordinate"]["n_coordinates"] == 0
+    else:
+        assert out["pearson"]["update_norms"] is not None
+    assert (out["procrustes_disparity"] is None) == ("procrustes" in missing)
+    assert all(a is not None for a in out["angle_updates_deg"])
+    json.dumps(out, allow_nan=False)
+
+    fig = metrics_matplotlib(out)
+    angles, dcor_panel, norms, histogram = fig.axes
+    assert [t.get_text() for t in dcor_panel.texts] == [missing["distance_correlation"]]
+    assert not [line for line in dcor_panel.lines if len(line.get_xdata()) > 2]  # no series
+    if "pearson" in missing:
+        assert missing["pearson"] in norms.get_title()
+        assert [t.get_text() for t in histogram.texts] == [missing["pearson"]]
+    if "procrustes" in missing:
+        assert "Procrustes disparity " + missing["procrustes"] in fig._suptitle.get_text()
+    annotations = [a.text for a in metrics_figure(out).layout.annotations]
+    assert missing["distance_correlation"] in annotations
+
+
+def test_one_pair_has_an_update_angle_and_no_velocity_angle() -> None:
+    out = analyse({"policy": random_walk(2, 20, seed=17), "reward": random_walk(2, 20, seed=18)})
+    assert out["angle_updates_deg"][0] is not None and "angle_updates" not in out["unavailable"]
+    assert out["angle_velocities_deg"] == [None]
+    assert out["unavailable"]["angle_velocities"] == "n/a: 1 pair, needs \u2265 2"
 
 
 # ----------------------------------------------------------------------------- snapshots

@@ -161,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  metrics skipped: {result['error']}")
     else:
 
-        def fmt(v: float | None) -> str:
-            return "n/a" if v is None else f"{v:.4f}"
+        def fmt(v: float | None, statistic: str = "") -> str:
+            why = result.get("unavailable", {}).get(statistic)
+            return (why or "n/a") if v is None else f"{v:.4f}"
 
         angles = [a for a in result.get("angle_updates_deg", []) if a is not None]
         print(
@@ -172,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if result["n_pairs"]:
             proc, dc = result["procrustes"], result["distance_correlation"]
             print(
-                f"  Procrustes disparity {fmt(proc['disparity'])} (chance "
+                f"  Procrustes disparity {fmt(proc['disparity'], 'procrustes')} (chance "
                 f"{fmt(proc['permutation_mean'])}, p {fmt(proc['p_value'])}); "
-                f"distance correlation {fmt(dc['overall'])} (p {fmt(dc['p_value'])}); "
-                f"Pearson r of update norms {fmt(result['pearson']['update_norms'])}"
+                f"distance correlation {fmt(dc['overall'], 'distance_correlation')} "
+                f"(p {fmt(dc['p_value'])}); Pearson r of update norms "
+                f"{fmt(result['pearson']['update_norms'], 'pearson')}"
             )
             if angles:
                 print(f"  angle between updates: mean {sum(angles) / len(angles):.1f} deg")

@@ -9,7 +9,9 @@ Files written under ``out_dir`` (``RUN_DIR/plots``):
 * ``trajectory_<method>_<2|3>d.png``: one per projection (named by the method asked
   for; the title says if it fell back to PCA);
 * ``metrics.png``: angles, distance correlation per step, update norms and per-coordinate
-  Pearson correlations against the update pair;
+  Pearson correlations against the update pair; a statistic with fewer pairs than its
+  minimum (:data:`.analysis.MIN_PAIRS`) is not drawn, the panel says "n/a: 4 pairs,
+  needs >= 5" instead;
 * ``interplay.html``: every figure, interactive (plotly, hover shows step / iteration /
   phase), with plotly.js inlined once, so the file opens offline and can be moved alone.
 """
@@ -171,8 +173,29 @@ def _xs(n: int) -> np.ndarray:
     return np.arange(n)
 
 
+def _why_not(result: dict[str, Any], statistic: str) -> str | None:
+    """The analysis's "n/a: n pairs, needs >= m" for a statistic it did not report."""
+    return (result.get("unavailable") or {}).get(statistic)
+
+
+def _say_na(ax: Any, text: str) -> None:
+    """Write why a panel has no value in its middle, instead of drawing one."""
+    ax.text(
+        0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=11,
+        color="0.35", bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"},
+    )  # fmt: skip
+
+
 def metrics_png(result: dict[str, Any], path: Path) -> Path:
     """The per-step metrics of :func:`.analysis.analyse` as a 2 x 2 panel PNG."""
+    fig = metrics_matplotlib(result)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def metrics_matplotlib(result: dict[str, Any]) -> Any:
+    """The 2 x 2 matplotlib figure of :func:`metrics_png` (angles, dCor, norms, Pearson)."""
     n = int(result.get("n_pairs", 0))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110)
     x = _xs(n)
@@ -182,10 +205,13 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
         return np.array([nan if v is None else v for v in values], dtype=float)
 
     ax = axes[0, 0]
-    if n:
+    na_updates = _why_not(result, "angle_updates")
+    na_velocities = _why_not(result, "angle_velocities")
+    if n and not na_updates:
         ax.plot(
             x, series(result["angle_updates_deg"]), "o-", color="#444", label="updates (u_t, w_t)"
         )
+    if n and not na_velocities:
         ax.plot(
             x,
             series(result["angle_velocities_deg"]),
@@ -193,19 +219,36 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
             color="#8a3ab9",
             label="velocities (u_t-u_t-1, w_t-w_t-1)",
         )
+    missing = [
+        f"{what} {why}"
+        for what, why in (("updates", na_updates), ("velocities", na_velocities))
+        if why
+    ]
+    if na_updates and na_updates == na_velocities:
+        missing = [f"angles {na_updates}"]
+    if missing:
+        _say_na(ax, "\n".join(missing))
+    if n:
+        ax.set_xlim(-0.3, max(n - 1, 1) + 0.3)
     ax.axhline(90, color="0.6", lw=0.8, ls=":")
     ax.set_ylim(0, 180)
     ax.set_yticks([0, 45, 90, 135, 180])
     ax.set_ylabel("angle (degrees)")
     ax.set_title("Angle between policy and reward updates")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
     ax = axes[0, 1]
     low = -0.25
-    if n:
+    na_dcor = _why_not(result, "distance_correlation")
+    if na_dcor:
+        _say_na(ax, na_dcor)
+    elif n:
         dc = result["distance_correlation"]
         steps = series(dc["per_step"])
         how = "cumulative" if dc["window"] is None else f"window of {dc['window']} pairs"
+        need = (result.get("min_pairs") or {}).get("distance_correlation")
+        how += f", from {need} pairs" if need and dc["window"] is None else ""
         ax.plot(x, steps, "o-", color="#2a9d8f", label=f"per step ({how})")
         if dc["overall"] is not None:
             p = dc.get("p_value")
@@ -244,8 +287,9 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
             ax.set_yscale("log")
         else:
             ax.set_ylim(0, values.max() * 1.08 if values.max() > 0 else 1)
-        r = result["pearson"]["update_norms"]
-        ax.set_title("Update norms" + (f" (Pearson r = {r:.3f})" if r is not None else ""))
+        r, na_r = result["pearson"]["update_norms"], _why_not(result, "pearson")
+        r_text = "" if r is None else f" (Pearson r = {r:.3f})"
+        ax.set_title("Update norms" + (f" (Pearson r {na_r})" if na_r else r_text))
         ax.legend(fontsize=8)
     else:
         ax.set_title("Update norms")
@@ -266,7 +310,10 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=8, loc="upper left")
         ax.set_title(f"Pearson r over time, per coordinate ({pc['n_coordinates']} coords)")
     else:
-        ax.set_title("Pearson r over time, per coordinate (needs >= 3 pairs)")
+        ax.set_title("Pearson r over time, per coordinate")
+        if n:
+            why = _why_not(result, "pearson_per_coordinate")
+            _say_na(ax, why or "no coordinate moves in both models")
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel("r of u_t,d and w_t,d over t")
     ax.set_ylabel("share of coordinates")
@@ -282,7 +329,7 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
     proc = result.get("procrustes") or {}
     disp = proc.get("disparity")
     proc_text = (
-        "n/a"
+        (_why_not(result, "procrustes") or "n/a (an update set has no spread)")
         if disp is None
         else (
             f"{disp:.3f} (chance {proc['permutation_mean']:.3f}, p = {proc['p_value']:.3f}, "
@@ -295,9 +342,7 @@ def metrics_png(result: dict[str, Any], path: Path) -> Path:
         fontsize=12,
     )
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ----------------------------------------------------------------------------- plotly
@@ -442,16 +487,17 @@ def metrics_figure(result: dict[str, Any]) -> Any:
             row=1,
             col=1,
         )
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=result["distance_correlation"]["per_step"],
-                name="distance correlation",
-                mode="lines+markers",
-            ),
-            row=1,
-            col=2,
-        )
+        if not _why_not(result, "distance_correlation"):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=result["distance_correlation"]["per_step"],
+                    name="distance correlation",
+                    mode="lines+markers",
+                ),
+                row=1,
+                col=2,
+            )
         for m in ("policy", "reward"):
             fig.add_trace(
                 go.Scatter(
@@ -477,6 +523,23 @@ def metrics_figure(result: dict[str, Any]) -> Any:
             row=2,
             col=2,
         )
+    # a statistic below its minimum pairs: say so where its value would be
+    panels = {  # statistic: (axis suffix of the subplot, prefix)
+        "angle_updates": ("", "update angles "),
+        "angle_velocities": ("", "velocity angles "),
+        "distance_correlation": ("2", ""),
+        "pearson_per_coordinate": ("4", ""),
+    }
+    lines: dict[str, list[str]] = {}
+    for statistic, (axis, prefix) in panels.items():
+        if (why := _why_not(result, statistic)) and prefix + why not in lines.get(axis, []):
+            lines.setdefault(axis, []).append(prefix + why)
+    for axis, text in lines.items():
+        fig.add_annotation(
+            text="<br>".join(text), xref=f"x{axis} domain", yref=f"y{axis} domain",
+            x=0.5, y=0.5, showarrow=False, font={"size": 14, "color": "#555"},
+            bgcolor="white", bordercolor="#bbb",
+        )  # fmt: skip
     fig.update_yaxes(range=[0, 180], row=1, col=1)
     fig.update_yaxes(range=[-0.25, 1.05], row=1, col=2)
     for r, c in ((1, 1), (1, 2), (2, 1)):
@@ -491,15 +554,28 @@ def metrics_figure(result: dict[str, Any]) -> Any:
 
 
 def _summary_rows(result: dict[str, Any]) -> str:
-    keys = ("n_pairs", "offset", "pairing", "space", "k", "energy_kept", "procrustes_disparity")
+    keys = ("n_pairs", "offset", "pairing", "space", "k", "energy_kept")
     rows = [(k, result.get(k)) for k in keys if k in result]
+    if "procrustes_disparity" in result:
+        rows.append(("procrustes_disparity", result["procrustes_disparity"], "procrustes"))
     if "distance_correlation" in result:
-        rows.append(("distance correlation (all)", result["distance_correlation"]["overall"]))
+        rows.append(
+            (
+                "distance correlation (all)",
+                result["distance_correlation"]["overall"],
+                "distance_correlation",
+            )
+        )
     if "pearson" in result:
-        rows.append(("Pearson r of update norms", result["pearson"]["update_norms"]))
+        rows.append(("Pearson r of update norms", result["pearson"]["update_norms"], "pearson"))
+
+    def cell(row: tuple) -> str:
+        why = _why_not(result, row[2]) if len(row) > 2 else None
+        return why if why and row[1] is None else json.dumps(row[1])
+
     return "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>"
-        for k, v in rows
+        f"<tr><td>{html.escape(str(row[0]))}</td><td>{html.escape(cell(row))}</td></tr>"
+        for row in rows
     )
 
 
