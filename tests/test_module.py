@@ -169,3 +169,67 @@ def test_checkpoint_carries_step_counter_and_sampler(lora_policy, tokenizer, sma
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["zopro"]["policy_updates"] == 2
     assert checkpoint["zopro"]["sampler"]["num_steps"] == 2
+
+
+def quiet_trainer(**options):
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+
+
+def test_validation_step_logs_held_out_reward_and_kl(lora_policy, tokenizer, small_task):
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    held_out = DataLoader(small_task.eval_prompts[:4], batch_size=2)
+    first = quiet_trainer().validate(module, held_out, verbose=False)
+    again = quiet_trainer().validate(module, held_out, verbose=False)
+    assert set(first[0]) == {"val/reward", "val/kl"}
+    assert first[0]["val/kl"] >= 0.0
+    assert first == again  # each validation samples the same way: two compare the policies
+    # during a fit: after each epoch, on the validation loader of prompts
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(module, DataLoader(small_task.train_prompts[:4], batch_size=2), held_out)
+    assert {"val/reward", "val/kl"} <= set(trainer.logged_metrics)
+    assert module.policy_updates == 2
+
+
+def test_predict_step_gives_one_completion_a_prompt(lora_policy, tokenizer, small_task):
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=4, max_new_tokens=4)
+    prompts = small_task.eval_prompts[:3]
+    loader = DataLoader(
+        [{"prompt": p} for p in prompts],
+        batch_size=2,
+        collate_fn=lambda rows: {"prompt": [r["prompt"] for r in rows]},
+    )
+    batches = quiet_trainer().predict(module, loader)
+    assert [len(batch) for batch in batches] == [2, 1]
+    completions = [c for batch in batches for c in batch]
+    assert all(isinstance(c, str) for c in completions)
+    assert quiet_trainer().predict(module, loader) == batches  # seeded by (seed, batch, rank)
+
+
+@pytest.mark.parametrize(
+    ("option", "points_to"),
+    [
+        ({"accumulate_grad_batches": 2}, r"ZOPrOModule\(\.\.\., accumulate_batches=2\)"),
+        ({"gradient_clip_val": 1.0}, r"ZOPrOModule\(\.\.\., zo_max_abs_grad=1.0\)"),
+    ],
+)
+def test_trainer_options_of_automatic_optimisation_point_to_the_modules_own(
+    lora_policy, tokenizer, small_task, option, points_to
+):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    before = trainable(lora_policy)
+    with pytest.raises(MisconfigurationException, match=points_to):
+        fit(module, small_task.train_prompts[:4], steps=1, **option)
+    assert module.policy_updates == 0
+    after = trainable(lora_policy)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    # the same Trainer options do not stand in the way of predictions
+    assert quiet_trainer(**option).predict(module, DataLoader(small_task.eval_prompts[:2]))

@@ -11,7 +11,11 @@ A ``LightningModule`` with manual optimisation. Each policy update (DESIGN.md §
 
 Any DataLoader of prompts works: batches are lists of strings or dicts with a ``"prompt"`` key.
 Each update is one ``optimizer.step()``, so ``global_step``, ``max_steps``, LR schedulers,
-checkpoints and loggers follow policy updates as for any first-order module.
+checkpoints and loggers follow policy updates as for any first-order module. A validation loader
+of prompts gives the held-out reward and KL (``val/reward``, ``val/kl``); ``trainer.predict``
+gives one sampled completion a prompt. The Trainer's ``accumulate_grad_batches`` and
+``gradient_clip_val`` have no meaning under manual optimisation and are refused; the module's
+own ``accumulate_batches`` and ``zo_max_abs_grad`` do those jobs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from zopro_lightning.checkpointing import (
@@ -37,7 +43,14 @@ from zopro_lightning.distributed import agree_on_seed, cross_rank_mean, ddp_wrap
 from zopro_lightning.objectives import clipped_surrogate
 from zopro_lightning.optim import UPDATE_RULES, ZerothOrderOptimizer
 from zopro_lightning.rewards import NonFiniteRewards, RewardFn
-from zopro_lightning.rollout import Rollout, RolloutConfig, collect_rollout, completion_logprobs
+from zopro_lightning.rollout import (
+    Rollout,
+    RolloutConfig,
+    collect_rollout,
+    completion_logprobs,
+    decode_completions,
+    generate_completions,
+)
 from zopro_lightning.samplers import GaussianSampler, PerturbationSampler
 from zopro_lightning.spsa import derive_seed
 
@@ -361,11 +374,59 @@ class ZOPrOModule(LightningModule):
         else:
             yield self._frozen_reference[0]
 
+    def configure_callbacks(self) -> list:
+        """No callbacks of the module's own. Lightning calls this first when a fit attaches
+        the module (before its own checks of the Trainer, and before ``on_fit_start`` or
+        ``configure_optimizers``), so the Trainer options this module cannot honour are
+        refused here, naming the module's own option (:meth:`check_trainer_options`)."""
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self.check_trainer_options()
+        return []
+
+    def check_trainer_options(self) -> None:
+        """Refuse ``Trainer(accumulate_grad_batches=...)`` and ``Trainer(gradient_clip_val=...)``.
+
+        Under manual optimisation Lightning neither accumulates nor clips: each
+        ``training_step`` makes its own update. The module accumulates rollouts itself
+        (``accumulate_batches``) and bounds zeroth-order steps by clamping each projected
+        gradient (``zo_max_abs_grad``).
+
+        Raises:
+            MisconfigurationException: either option is set, with the module's option to use.
+        """
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate != 1:
+            raise MisconfigurationException(
+                f"Trainer(accumulate_grad_batches={accumulate}) does not apply to ZOPrOModule, "
+                "which optimises manually (one policy update per training_step that completes "
+                f"one). Fix: leave the Trainer's at 1 and pass ZOPrOModule(..., "
+                f"accumulate_batches={accumulate}): that many rollout batches make one update "
+                "(zopro-train: loop.batch_size is the prompts of one update, "
+                "policy.micro_batch_size bounds the memory of its forwards)."
+            )
+        clip = self.trainer.gradient_clip_val
+        if clip is not None and clip > 0:
+            raise MisconfigurationException(
+                f"Trainer(gradient_clip_val={clip}) does not apply to ZOPrOModule, which "
+                "optimises manually; zeroth-order steps have no gradient tensor to clip. Fix: "
+                "drop it from the Trainer and bound each projected gradient of a zeroth-order "
+                f"step with ZOPrOModule(..., zo_max_abs_grad={clip}) (zopro-train: "
+                f"+policy.zo_max_abs_grad={clip}); clamped values are logged as "
+                "policy/clipped_grads."
+            )
+
     def on_fit_start(self) -> None:
         # every rank takes rank 0's base seed: the step seeds, hence the directions z, agree
         self._base_seed = agree_on_seed(self.hparams.seed, self.trainer)
         if self.hparams.optimizer == "zeroth_order":
             self._quiet_ddp_wrapper()
+        self._helpers_to_device()
+
+    def on_validation_start(self) -> None:
+        self._helpers_to_device()  # trainer.validate(...) alone has no on_fit_start
+
+    def _helpers_to_device(self) -> None:
+        """The frozen reference and the reward model, outside the module tree, to its device."""
         for reference in self._frozen_reference:
             reference.to(self.device)
         reward_model = getattr(self.reward_fn, "model", None)
@@ -373,18 +434,31 @@ class ZOPrOModule(LightningModule):
             reward_model.to(self.device)
 
     # -- the algorithm ----------------------------------------------------------------------
-    def rollout(self, prompts: list[str]) -> Rollout:
-        """Sample, score and prepare one batch (DESIGN.md §2.1)."""
+    def rollout(self, prompts: list[str], seed: int | None = None) -> Rollout:
+        """Sample, score and prepare one batch (DESIGN.md §2.1); sampled with ``seed``
+        (default: :meth:`rollout_seed`)."""
         self.policy.eval()  # no dropout: the two SPSA evaluations must see the same network
         reference = self.reference_policy if self.hparams.beta > 0 else None
         # sampling is seeded by (seed, update, micro-batch, rank), not by the global RNG's
         # history: a resumed run samples what the uninterrupted run sampled, and ranks differ
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.rollout_seed())
+        with self._seeded(self.rollout_seed() if seed is None else seed):
             return collect_rollout(
                 self.policy, self.tokenizer, prompts, self.reward_fn, self.rollout_config, reference
             )
+
+    @contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        """The global RNGs seeded with ``seed`` inside, as they were after."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def evaluation_seed(self, stage: str, batch_idx: int) -> int:
+        """Seed of a validation or prediction batch: by (seed, stage, batch, rank) only, so
+        every validation samples the same way and two of them compare the policies alone."""
+        rank = self.global_rank if self._trainer is not None else 0
+        return derive_seed(self.hparams.seed, stage, batch_idx, rank)
 
     def rollout_seed(self) -> int:
         """Seed of the sampling of the next rollout: one per (update, accumulated batch, rank)."""
@@ -497,6 +571,35 @@ class ZOPrOModule(LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": float(loss), "lr": lr}
+
+    # -- held-out evaluation and generation -------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Held-out reward and KL of the current policy on a batch of validation prompts:
+        ``k`` sampled completions a prompt, scored by ``reward_fn``. Logs ``val/reward`` (mean
+        reward of the finite ones) and ``val/kl`` (mean sequence KL to the reference policy),
+        averaged over the validation set (and over ranks)."""
+        prompts = prompts_of(batch)
+        rollout = self.rollout(prompts, seed=self.evaluation_seed("validation", batch_idx))
+        self.log_dict(
+            {"val/reward": rollout.metrics["reward_mean"], "val/kl": rollout.metrics["kl"]},
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(prompts),
+            sync_dist=True,
+        )
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """One completion for each prompt of the batch, in order: sampled at the module's
+        ``temperature`` and ``max_new_tokens``, seeded by (seed, batch, rank)."""
+        prompts = prompts_of(batch)
+        config = self.rollout_config
+        config.k = 1
+        self.policy.eval()
+        with self._seeded(self.evaluation_seed("predict", batch_idx)):
+            input_ids, _, completion_mask, _ = generate_completions(
+                self.policy, self.tokenizer, prompts, config
+            )
+        return decode_completions(self.tokenizer, input_ids, completion_mask)
 
     # -- checkpoints ------------------------------------------------------------------------
     # Where the pipeline is (it sets them); checkpointed, so a resumed run knows its phase.
