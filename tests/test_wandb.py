@@ -97,6 +97,26 @@ def history_and_config(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     return history, config
 
 
+def summary_metrics_and_run(run_dir: Path) -> tuple[dict[str, Any], list[Any], Any]:
+    """The summary updates (``{key: value}``), the ``define_metric`` records and the run
+    record (id, group, display name) of an offline run."""
+    summary, metrics, run = {}, [], None
+    for record in finished_records(run_dir):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.summary.update
+                }
+            )
+        elif kind == "metric":
+            metrics.append(record.metric)
+        elif kind == "run":
+            run = record.run
+    return summary, metrics, run
+
+
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch) -> Path:
     """W&B offline, with every directory it writes (runs, cache, settings) under tmp_path."""

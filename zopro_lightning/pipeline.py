@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
+from zopro_lightning.callbacks.run_progress import RunProgress
 from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable, resumable_checkpoint
 from zopro_lightning.config_schema import validate_config
 from zopro_lightning.data.resumable import ResumableDataLoader
@@ -61,6 +62,12 @@ from zopro_lightning.evaluation import (
     pairwise_accuracy,
     prompt_mean_rewards,
     score_correlations,
+)
+from zopro_lightning.loggers import (
+    finish_loggers,
+    instantiate_loggers,
+    log_summary,
+    start_loggers,
 )
 from zopro_lightning.memory import peak_rss_mb
 from zopro_lightning.models import (
@@ -235,7 +242,10 @@ class Pipeline:
         if self.resuming:
             check_same_config(self.run_dir, cfg)
         self.last_trainer: L.Trainer | None = None  # the latest phase's (DDP: its strategy)
-        self.logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        # one step counter over every phase's Trainer, and the loggers of the whole run
+        self.progress = RunProgress()
+        self.loggers = instantiate_loggers(cfg.get("logger"), self.run_dir, self.is_global_zero)
+        self.loggers_started = False
         self.model_spec = instantiate(cfg.model)
         self.tokenizer, self.task = self.build_task()
         self.kind: str = getattr(self.task, "kind", "pairs")
@@ -319,12 +329,17 @@ class Pipeline:
                 model.to(device)
 
     def trainer(self, callbacks: Sequence[L.Callback] = (), **kwargs) -> L.Trainer:
-        """A Lightning Trainer for one phase, from the ``trainer`` config group."""
+        """A Lightning Trainer for one phase, from the ``trainer`` config group, with the run's
+        loggers and its :class:`RunProgress` (one logged step over every phase's Trainer)."""
         factory: Callable[..., L.Trainer] = instantiate(self.cfg.trainer, _partial_=True)
-        options = {"enable_checkpointing": False, "enable_model_summary": False} | kwargs
+        options = {
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_autolog_hparams": False,  # the loggers get the composed config, once
+        } | kwargs
         trainer = factory(
-            logger=self.logger,
-            callbacks=list(callbacks),
+            logger=self.loggers or False,
+            callbacks=[self.progress, *callbacks],
             default_root_dir=str(self.run_dir),
             **options,
         )
@@ -365,15 +380,19 @@ class Pipeline:
     # -- phases ---------------------------------------------------------------------------
     def supervised_fine_tuning(self) -> torch.nn.Module:
         """SFT with LoRA, merged into the base: the reference policy of everything after.
-        Resuming, the merged model of ``RUN_DIR/sft`` is loaded instead."""
+        Resuming, the merged model of ``RUN_DIR/sft`` is loaded instead (and the run's logged
+        step goes on from ``state/sft.pt``)."""
         cfg = self.cfg.sft
         target = self.run_dir / "sft"
         if self.resuming and (target / "config.json").exists():
             from zopro_lightning.models import load_causal_lm
 
             log.info("resume: SFT policy from %s", target)
+            done = load_state(self.run_dir, "sft")
+            self.progress.completed = int(done["run_step"]) if done else 0
             return load_causal_lm(target, dtype=self.model_spec.dtype)
         self.seed_phase("sft")
+        self.progress.enter("sft")
         base = self.model_spec.causal_lm(self.tokenizer)
         model = self.model_spec.with_lora(base)
         module = SFTModule(model, lr=cfg.lr)
@@ -390,6 +409,7 @@ class Pipeline:
             self.tokenizer.save_pretrained(partial)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
+            save_state(self.run_dir, "sft", {"run_step": self.progress.completed})
         self.barrier()  # the reward model reads RUN_DIR/sft on every rank
         return merged
 
@@ -519,12 +539,20 @@ class Pipeline:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """The whole loop; returns the summary. A finished run (``summary.json`` written)
+        that is resumed is left as it is: its summary is read back, nothing is logged."""
         start = time.perf_counter()
         cfg = self.cfg
+        if self.resuming and (self.run_dir / "summary.json").exists():
+            log.info("resume: %s has finished; its files are left as they are", self.run_dir)
+            return read_summary(self.run_dir)
         if not self.resuming and self.is_global_zero:
             save_run_config(self.run_dir, cfg)
+        start_loggers(self.loggers, cfg, self.resuming)
+        self.loggers_started = True
         sft_model = self.supervised_fine_tuning()
         self.seed_phase("reward_model")
+        self.progress.enter("reward_model")
         started = load_state(self.run_dir, "start") if self.resuming else None
         if started is None:
             reward = self.reward_model()
@@ -534,6 +562,7 @@ class Pipeline:
             load_trainable(reward.model, started["reward"])
             self.summary = started["summary"] | self.summary_header()
             self.eval_scores = list(started.get("eval_scores", []))
+            self.progress.completed = int(started.get("run_step", self.progress.completed))
         self.to_device(reward.model)
         self.seed_phase("policy")
         policy = self.model_spec.with_lora(sft_model)
@@ -577,6 +606,7 @@ class Pipeline:
             if snapshots is not None:
                 snapshots.iteration = t
             self.seed_phase("policy_learning", t)
+            self.progress.enter("policy_learning", t)
             started_at = time.perf_counter()
             self.learn_policy(t, chunks[t], callbacks)
             self.summary.setdefault("policy_seconds_per_iteration", []).append(
@@ -592,6 +622,7 @@ class Pipeline:
                 self.summary[f"{key}_after_first_order"] = measured
             phi_before = trainable_state(reward.model)
             self.seed_phase("refinement", t)
+            self.progress.enter("refinement", t)
             refinement = self.refine(reward, self.policy_module, recorder.pop())
             v = state_difference(trainable_state(reward.model), phi_before)
             if snapshots is not None:
@@ -630,6 +661,7 @@ class Pipeline:
         export_policy(policy, self.tokenizer, cfg, self.summary, self.run_dir, self.is_global_zero)
         self.write_summary()
         self.interplay_plots()
+        log_summary(self.loggers, finite_or_null(self.summary))
         return self.summary
 
     # -- policy learning with checkpoints and resume --------------------------------------
@@ -698,7 +730,11 @@ class Pipeline:
     def save_run_state(self, name: str, payload: dict[str, Any]) -> None:
         """``state/<name>.pt`` with the summary and evaluations so far (rank 0 only)."""
         if self.is_global_zero:
-            extra = {"summary": self.summary, "eval_scores": self.eval_scores}
+            extra = {
+                "summary": self.summary,
+                "eval_scores": self.eval_scores,
+                "run_step": self.progress.completed,  # the logged step goes on from here
+            }
             save_state(self.run_dir, name, payload | extra)
 
     def save_iteration(self, t: int, policy, reward: HFRewardModel, sampler) -> None:
@@ -734,6 +770,7 @@ class Pipeline:
         self.summary = state["summary"] | self.summary_header()
         self.eval_scores = list(state.get("eval_scores", []))
         self.judge_counts = dict(state["judge"])
+        self.progress.completed = int(state.get("run_step", self.progress.completed))
         return t + 1
 
     def interplay_plots(self) -> None:
@@ -741,7 +778,8 @@ class Pipeline:
         "when the logger is W&B"), and the PNGs logged to W&B."""
         from lightning.pytorch.loggers import WandbLogger
 
-        wandb = isinstance(self.logger, WandbLogger)
+        wandb_loggers = [logger for logger in self.loggers if isinstance(logger, WandbLogger)]
+        wandb = bool(wandb_loggers)
         wanted = self.cfg.interplay.plots_at_end
         if not (wanted or (wanted is None and wandb)) or not self.cfg.interplay.snapshots:
             return
@@ -750,9 +788,9 @@ class Pipeline:
         from zopro_lightning.interplay.cli import main as zopro_viz
 
         zopro_viz([str(self.run_dir), "--methods", self.cfg.interplay.methods, "--no-html"])
-        if wandb:
-            images = sorted((self.run_dir / "plots").glob("*.png"))
-            self.logger.log_image("interplay", [str(path) for path in images])
+        images = [str(path) for path in sorted((self.run_dir / "plots").glob("*.png"))]
+        for logger in wandb_loggers:
+            logger.log_image("interplay", images)
 
     def save_adapters(self, iteration: int, policy, reward: HFRewardModel) -> None:
         if not self.is_global_zero:
@@ -770,6 +808,24 @@ class Pipeline:
         tmp.write_text(json.dumps(finite_or_null(self.summary), indent=2, default=float))
         os.replace(tmp, path)
 
+    def close_loggers(self, failed: bool = False) -> None:
+        """Finish the run's loggers (a W&B run is marked failed when the run ``failed``)."""
+        if self.loggers_started:
+            finish_loggers(self.loggers, failed=failed)
+            self.loggers_started = False
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``RUN_DIR/summary.json`` as :func:`run_pipeline` returns it (``null`` back to NaN)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+
+    def nan_for_null(value: Any) -> Any:
+        if isinstance(value, list):
+            return [nan_for_null(v) for v in value]
+        return math.nan if value is None else value
+
+    return {key: nan_for_null(value) for key, value in summary.items()}
+
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the whole loop of ``cfg`` into ``run_dir``; returns the summary."""
@@ -779,7 +835,12 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cfg.get("num_threads") or 64)))
     pipeline = Pipeline(cfg, run_dir)
-    summary = pipeline.run()
+    try:
+        summary = pipeline.run()
+    except BaseException:
+        pipeline.close_loggers(failed=True)
+        raise
+    pipeline.close_loggers()
     final = f"{pipeline.eval_key}_final"
     if not math.isfinite(summary[final]):
         log.warning("%s is not finite", final)

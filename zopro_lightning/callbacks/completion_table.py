@@ -8,6 +8,7 @@ from typing import Any
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
+from zopro_lightning.callbacks.run_progress import RunProgress
 from zopro_lightning.rollout import Rollout
 
 COLUMNS = ["step", "prompt", "completion", "reward"]
@@ -85,6 +86,11 @@ class CompletionTable(Callback):
 
 def metrics_step(trainer: Trainer) -> int:
     """The step Lightning logs this batch's ``self.log`` metrics at (after the batch-end
-    hooks), so the table sits beside the same update's ``policy/*`` metrics in W&B. Lightning
-    keeps it as ``fit_loop.epoch_loop._batches_that_stepped``; ``global_step`` if that goes."""
+    hooks), so the table sits beside the same update's ``policy/*`` metrics in W&B: the
+    run-wide step of a :class:`~zopro_lightning.callbacks.run_progress.RunProgress` callback
+    when the trainer has one; otherwise Lightning's own,
+    ``fit_loop.epoch_loop._batches_that_stepped`` (``global_step`` if that goes)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunProgress):
+            return callback.step(trainer)
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))

@@ -1,0 +1,84 @@
+"""Where a run is, logged with every row of metrics: one step counter across all its Trainers.
+
+A ``zopro-train`` run fits one Lightning ``Trainer`` a phase (SFT, the reward model r_0, then
+policy learning and refinement in every iteration), and each ``Trainer`` counts its
+``global_step`` from 0. :class:`RunProgress` keeps the updates of the fits before the current
+one and logs, with the metrics of every update (and of every validation run):
+
+- ``step``: optimizer updates of the whole run so far, this one included (Lightning takes a
+  logged ``step`` as the row's step: the ``step`` column of ``metrics.csv``, W&B's
+  ``trainer/global_step``, the x-axis of its charts), so curves of later phases follow those
+  of earlier ones instead of drawing over them;
+- ``iteration``: the ZOPrO iteration ``t`` (0 for SFT and r_0, which come before the first);
+- ``phase``: the index of the phase in :data:`PHASES` (Lightning logs numbers only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning import Callback, LightningModule, Trainer
+
+#: the phases of a run, in the order they come; ``phase`` is logged as an index into this
+PHASES = ("sft", "reward_model", "policy_learning", "refinement")
+
+
+class RunProgress(Callback):
+    """The run-wide ``step``, ``iteration`` and ``phase`` beside every logged row.
+
+    The owner of the run calls :meth:`enter` before each phase's ``fit`` and passes the same
+    instance to every ``Trainer``. :attr:`completed` (updates of the finished fits) is part of
+    the callback's checkpoint state; a run resumed from its own state files sets it back.
+    """
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.iteration = 0
+        self.phase = PHASES[0]
+        self._last_logged: int | None = None
+
+    def enter(self, phase: str, iteration: int = 0) -> None:
+        """The next fits belong to ``phase`` of ``iteration``."""
+        if phase not in PHASES:
+            raise ValueError(f"RunProgress: phase must be one of {PHASES}, got {phase!r}")
+        self.phase, self.iteration = phase, int(iteration)
+
+    def step(self, trainer: Trainer) -> int:
+        """Updates of the whole run so far: the finished fits' and this fit's."""
+        return self.completed + int(trainer.global_step)
+
+    def position(self, trainer: Trainer) -> dict[str, float]:
+        return {
+            "step": float(self.step(trainer)),
+            "iteration": float(self.iteration),
+            "phase": float(PHASES.index(self.phase)),
+        }
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_logged = self.step(trainer)  # (a resumed fit starts past its first updates)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # once per update: a batch that only accumulates (ZOPrOModule's accumulate_batches)
+        # adds nothing (Lightning still writes the previous update's cached values again)
+        step = self.step(trainer)
+        if step == self._last_logged:
+            return
+        self._last_logged = step
+        pl_module.log_dict(self.position(trainer), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        pl_module.log_dict(self.position(trainer), on_step=False, on_epoch=True, batch_size=1)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.completed += int(trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"completed": self.completed, "iteration": self.iteration, "phase": self.phase}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.completed = int(state_dict["completed"])
+        self.enter(str(state_dict["phase"]), int(state_dict["iteration"]))
