@@ -251,6 +251,26 @@ class ZOPrOModule(LightningModule):
     def trainable_parameters(self) -> dict[str, Tensor]:
         return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
 
+    def optimizer_direction(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
+        """The descent direction ``optimizer`` holds after a phase: minus its running mean of
+        gradient estimates (AdamW's or ZO-Adam's ``exp_avg``, the ZO momentum buffer), by
+        trainable tensor name; empty when it keeps none (zeroth-order SGD).
+
+        The gradient survives a reward refinement far better than the phase's displacement
+        predicts the next one (``bench/snr.py``): a sampler targeted at it searches along a
+        direction that carries signal."""
+        if optimizer is None:
+            return {}
+        by_id = {id(p): n for n, p in self.trainable_parameters.items()}
+        direction = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                moment = state.get("exp_avg", state.get("momentum_buffer"))
+                if moment is not None and id(param) in by_id:
+                    direction[by_id[id(param)]] = -moment.detach().float().cpu().clone()
+        return direction
+
     def zeroth_order_parameters(self) -> dict[str, Tensor]:
         """The trainable tensors the zeroth-order steps move (``zo_trainable`` filters).
 

@@ -612,7 +612,7 @@ class Pipeline:
             self.summary.setdefault("policy_seconds_per_iteration", []).append(
                 time.perf_counter() - started_at
             )
-            mu = state_difference(trainable_state(policy), theta_before)
+            mu = self.policy_direction(policy, theta_before)
             measured = self.evaluate(policy)
             self.summary.setdefault(f"{key}_per_iteration", []).append(measured)
             self.summary.setdefault("optimizer_per_iteration", []).append(
@@ -693,6 +693,19 @@ class Pipeline:
                 lr_schedule=loop.get("zeroth_order_lr_schedule") or self.cfg.policy.lr_schedule,
             )
         return optimizer
+
+    def policy_direction(self, policy, theta_before: dict[str, torch.Tensor]) -> dict:
+        """``mu`` for the sampler after a policy phase. ``sampler.direction: update`` (as
+        published): the phase's update ``theta_t - theta_{t-1}``. ``gradient``: minus the
+        phase optimizer's running gradient mean at its end (AdamW's first moment after a
+        first-order phase; the ZO momentum or Adam moment after a zeroth-order one), falling
+        back to the update where the optimizer keeps none (zeroth-order SGD)."""
+        update = state_difference(trainable_state(policy), theta_before)
+        if self.cfg.sampler.get("direction", "update") != "gradient":
+            return update
+        optimizers = self.last_trainer.optimizers if self.last_trainer is not None else []
+        gradient = self.policy_module.optimizer_direction(optimizers[0] if optimizers else None)
+        return gradient or update
 
     def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
         """Policy learning of iteration ``t`` on its chunk of prompts, one Lightning ``fit``.

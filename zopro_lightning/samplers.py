@@ -98,6 +98,30 @@ def isotropic_factor(mu: Mapping[str, Tensor]) -> float:
     return math.sqrt(sum(mu[n].numel() for n in usable) / sum(squared[n] for n in usable))
 
 
+def smoothed_directions(
+    previous: Mapping[str, Tensor], new: Mapping[str, Tensor], smoothing: float
+) -> dict[str, Tensor]:
+    """``(s prev/|prev| + (1 - s) new/|new|) |new|``, norms over all (finite) tensors: the blend
+    of two directions whatever their scales; tensors without a same-shaped predecessor keep
+    ``(1 - s) new``."""
+
+    def norm(tensors: Mapping[str, Tensor]) -> float:
+        total = sum(float(t.double().pow(2).sum()) for t in tensors.values())
+        return math.sqrt(total) if math.isfinite(total) and total > 0 else 0.0
+
+    old_norm, new_norm = norm(previous), norm(new)
+    if old_norm == 0 or new_norm == 0:
+        return dict(new)
+    blended = {}
+    for name, flat in new.items():
+        mixed = (1 - smoothing) * flat / new_norm
+        before = previous.get(name)
+        if before is not None and before.shape == flat.shape:
+            mixed = mixed + smoothing * before / old_norm
+        blended[name] = mixed * new_norm
+    return blended
+
+
 class GaussianSampler:
     """Isotropic Gaussian directions, ``z ~ N(0, I)`` (MeZO). Stateless."""
 
@@ -193,9 +217,10 @@ class ZOPrOSampler:
             at the start of every ``fit`` with that fit's updates).
         initial_decay: ``d_0`` in ``[0, 1]``.
         exp_rate: the rate of the exponential schedule (1.0 as in DESIGN.md).
-        smoothing: ``s`` in ``mu <- s mu_prev + (1 - s) mu_new`` at each :meth:`set_directions`
-            (per tensor, same shape): a noisy iteration then steers the next one less. 0 (the
-            default): the previous iteration's update alone, as published.
+        smoothing: ``s`` in ``mu <- (s mu_prev/|mu_prev| + (1 - s) mu_new/|mu_new|) |mu_new|``
+            at each :meth:`set_directions` (norms over all tensors; tensors of the same name
+            and shape): a noisy iteration then steers the next one less. 0 (the default): the
+            previous iteration's update alone, as published.
         scale: ``"isotropic"`` (default) or ``"previous_update"`` (DESIGN.md's literal
             formula; its ``g`` collapses to 0 once ``mu`` is small, see above).
     """
@@ -257,11 +282,8 @@ class ZOPrOSampler:
         """
         updates = {canonical_name(n): t.detach() for n, t in (policy_update or {}).items()}
         mu = {name: t.float().flatten().clone() for name, t in updates.items()}
-        if self.smoothing:
-            for name, flat in mu.items():
-                previous = self._mu.get(name)
-                if previous is not None and previous.shape == flat.shape:
-                    mu[name] = self.smoothing * previous + (1 - self.smoothing) * flat
+        if self.smoothing and self._mu:
+            mu = smoothed_directions(self._mu, mu, self.smoothing)
         shapes = {name: tuple(t.shape) for name, t in updates.items()}
         v_hat: dict[str, Tensor] = {}
         for raw_name, tensor in (reward_update or {}).items():

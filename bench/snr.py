@@ -1,0 +1,188 @@
+"""Why the zeroth-order iterations gain little: how well one update's direction points along
+the population gradient, for a first-order step and for SPSA estimates with each sampler.
+
+From a finished ``zopro-train`` run directory (the policy after iteration ``--iteration``, the
+reward model refined after it, that iteration's update ``mu``), draw ``--batches`` rollout
+batches of the default size on the next chunk's prompts and take, per batch ``b``, the exact
+gradient ``grad_b`` of the clipped surrogate (autograd; at the rollout point the ratio is 1).
+The population gradient is estimated leave-one-out, ``G_{-b} = mean_{c != b} grad_c``. Then:
+
+- ``first_order``: ``cos(grad_b, G_{-b})`` (what one first-order step's direction is worth;
+  AdamW's per-coordinate scaling aside);
+- ``spsa_<sampler>``: ``cos(g z, G_{-b})`` with ``g = grad_b . z`` (the exact directional
+  derivative, i.e. SPSA without finite-difference error) for ``--draws`` directions ``z`` per
+  batch, from the Gaussian sampler and from ZOPrO's sampler at ``d = 0.999`` and ``d = 0``;
+  and the same for the mean of ``K`` estimates on one batch (``K`` SPSA steps per rollout);
+- ``cos(G, mu)``: how much of the population gradient lies along the previous update.
+
+    python bench/snr.py RUN_DIR                      # a run made with loop.schedule=first_order
+    python bench/snr.py RUN_DIR --batches 8 --draws 64
+
+Writes ``bench/results/snr.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_results  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--iteration", type=int, default=0)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=64)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from zopro_lightning.models import load_causal_lm, state_difference
+    from zopro_lightning.module import ZOPrOModule
+    from zopro_lightning.objectives import clipped_surrogate
+    from zopro_lightning.pipeline import Pipeline, load_trainable
+    from zopro_lightning.rollout import completion_logprobs
+    from zopro_lightning.run_state import load_state
+    from zopro_lightning.samplers import GaussianSampler, ZOPrOSampler
+    from zopro_lightning.spsa import tensor_generator
+
+    cfg = OmegaConf.load(args.run_dir / "run_config.yaml")
+    cfg.resume = str(args.run_dir)
+    OmegaConf.set_struct(cfg, False)
+    pipeline = Pipeline(cfg, args.run_dir)
+    state = load_state(args.run_dir, f"iteration_{args.iteration}")
+    sft = load_causal_lm(args.run_dir / "sft", dtype=pipeline.model_spec.dtype)
+    policy = pipeline.model_spec.with_lora(sft)
+    load_trainable(policy, state["policy"])
+    reward = pipeline.build_reward_model()
+    load_trainable(reward.model, state["reward"])
+    before = {}
+    if args.iteration > 0:
+        before = load_state(args.run_dir, f"iteration_{args.iteration - 1}")["policy"]
+    else:  # iteration 0 starts from a fresh adapter: LoRA B = 0, A as initialised (seeded)
+        pipeline.seed_phase("policy")
+        fresh = pipeline.model_spec.with_lora(load_causal_lm(args.run_dir / "sft"))
+        before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
+    mu = state_difference(state["policy"], before)
+    module = ZOPrOModule(policy, pipeline.tokenizer, reward, GaussianSampler(), seed=cfg.seed,
+                         **OmegaConf.to_container(cfg.policy, resolve=True))
+    params = module.trainable_parameters
+    names = list(params)
+    batch = cfg.loop.batch_size
+    start = pipeline.steps_of(args.iteration) * batch * (args.iteration + 1)
+    prompts = list(pipeline.task.train_prompts)
+
+    def flat(tensors) -> torch.Tensor:
+        return torch.cat([tensors[n].detach().double().flatten() for n in names])
+
+    def population_gradient(reward_weights) -> list:
+        load_trainable(reward.model, reward_weights)
+        found = []
+        for b in range(args.batches):
+            chunk = [prompts[(start + b * batch + i) % len(prompts)] for i in range(batch)]
+            module.policy_updates = b
+            rollout = module.rollout(chunk)
+            policy.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                logprobs = completion_logprobs(policy, rollout.input_ids, rollout.attention_mask,
+                                               rollout.completion_mask, cfg.policy.temperature)
+                loss = clipped_surrogate(logprobs, rollout.old_logprobs, rollout.advantages,
+                                         cfg.policy.clip_range).mean()
+                loss.backward()
+            found.append(flat({n: p.grad for n, p in params.items()}))
+        return found
+
+    # the reward model before this iteration's refinement: what the policy was trained on
+    earlier = load_state(args.run_dir, "start" if args.iteration == 0 else
+                         f"iteration_{args.iteration - 1}")["reward"]
+    gradient_before = torch.stack(population_gradient(earlier)).mean(0)
+    load_trainable(reward.model, state["reward"])
+    grads = []
+    for b in range(args.batches):
+        chunk = [prompts[(start + b * batch + i) % len(prompts)] for i in range(batch)]
+        module.policy_updates = b
+        rollout = module.rollout(chunk)
+        policy.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logprobs = completion_logprobs(policy, rollout.input_ids, rollout.attention_mask,
+                                           rollout.completion_mask, cfg.policy.temperature)
+            loss = clipped_surrogate(logprobs, rollout.old_logprobs, rollout.advantages,
+                                     cfg.policy.clip_range).mean()
+            loss.backward()
+        grads.append(flat({n: p.grad for n, p in params.items()}))
+    policy.zero_grad(set_to_none=True)
+    grads_t = torch.stack(grads)  # [B, D]
+    total = grads_t.sum(0)
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a @ b / (a.norm() * b.norm() + 1e-30))
+
+    loo = [(total - grads_t[b]) / (len(grads) - 1) for b in range(len(grads))]
+    zopro_far, zopro_near = ZOPrOSampler(decay="constant", initial_decay=0.999), None
+    zopro_far.set_directions(mu, None)
+    zopro_near = ZOPrOSampler(decay="constant", initial_decay=0.0)
+    zopro_near.set_directions(mu, None)
+    samplers = {"gaussian": GaussianSampler(), "zopro_d0.999": zopro_far, "zopro_d0": zopro_near}
+    results: dict[str, dict] = {
+        "first_order": {
+            "cos_with_population_gradient": [cos(g, t) for g, t in zip(grads, loo, strict=True)]
+        }
+    }
+    for label, sampler in samplers.items():
+        per_k: dict[str, list[float]] = {str(k): [] for k in args.ks}
+        for b, (gradient, target) in enumerate(zip(grads, loo, strict=True)):
+            estimates = []
+            for draw in range(args.draws * max(args.ks)):
+                seed = 1_000_003 * b + draw
+                z = flat({n: sampler.sample(n, p, tensor_generator(seed, n, p.device))
+                          for n, p in params.items()})
+                estimates.append(float(gradient @ z) * z)
+            for k in args.ks:
+                for i in range(args.draws):
+                    mean = torch.stack(estimates[i * k:(i + 1) * k]).mean(0)
+                    per_k[str(k)].append(cos(mean, target))
+        results[f"spsa_{label}"] = {
+            f"K={k}": {"mean_cos": statistics.fmean(v),
+                       "se": statistics.stdev(v) / math.sqrt(len(v))}
+            for k, v in per_k.items()
+        }
+    first = results["first_order"]["cos_with_population_gradient"]
+    results["first_order"] = {"mean_cos": statistics.fmean(first),
+                              "se": statistics.stdev(first) / math.sqrt(len(first))}
+    mu_flat = flat(mu)
+    payload = {
+        "environment": environment(),
+        "run_dir": str(args.run_dir),
+        "iteration": args.iteration,
+        "trainable_values": int(mu_flat.numel()),
+        "batches": args.batches,
+        "draws": args.draws,
+        "cos_population_gradient_mu": cos(total, mu_flat),
+        "cos_population_gradient_mu_descent_sign": "negative: -G points along +mu",
+        "cos_population_gradient_before_refinement": cos(total, gradient_before),
+        "batch_gradient_norm_mean": statistics.fmean(float(g.norm()) for g in grads),
+        "population_gradient_norm": float(total.norm() / len(grads)),
+        "results": results,
+    }
+    write_results("snr", payload, args.out)
+    print(f"D = {payload['trainable_values']}, "
+          f"cos(G, mu) = {payload['cos_population_gradient_mu']:+.4f}, "
+          f"cos(G, G before refinement) = {payload['cos_population_gradient_before_refinement']}")
+    print(f"first-order step: cos = {results['first_order']['mean_cos']:.4f}")
+    for key, rows in results.items():
+        if key.startswith("spsa"):
+            print(key, {k: round(v["mean_cos"], 5) for k, v in rows.items()})
+    return payload
+
+
+if __name__ == "__main__":
+    main()
