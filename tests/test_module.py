@@ -233,3 +233,22 @@ def test_trainer_options_of_automatic_optimisation_point_to_the_modules_own(
     assert all(torch.equal(before[n], after[n]) for n in before)
     # the same Trainer options do not stand in the way of predictions
     assert quiet_trainer(**option).predict(module, DataLoader(small_task.eval_prompts[:2]))
+
+
+def test_optimizer_direction_is_minus_the_running_gradient_mean(lora_policy, tokenizer, small_task):
+    """After a first-order phase the direction is -exp_avg of AdamW, by tensor name; zeroth-order
+    SGD keeps no gradient mean, so there is none."""
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, optimizer="first_order",
+                         lr=1e-2, k=2, max_new_tokens=4)
+    trainer = fit(module, small_task.train_prompts[:4], steps=2)
+    optimizer = trainer.optimizers[0]
+    direction = module.optimizer_direction(optimizer)
+    params = module.trainable_parameters
+    assert set(direction) == set(params)
+    for name, param in params.items():
+        assert torch.equal(direction[name], -optimizer.state[param]["exp_avg"].float())
+    assert any(float(t.abs().sum()) > 0 for t in direction.values())
+    module.set_optimizer("zeroth_order", lr=1e-3)
+    trainer = fit(module, small_task.train_prompts[:4], steps=1)
+    assert module.optimizer_direction(trainer.optimizers[0]) == {}
+    assert module.optimizer_direction(None) == {}
