@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
 
 from zopro_lightning import ZOPrOModule
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
@@ -185,35 +186,62 @@ def _loader(cls=ResumableDataLoader):
     )
 
 
-def _resumed_stream(cls, after_batches: int | None) -> list[list[int]]:
-    """Three passes, with a save after ``after_batches`` batches of the first (``None``: after
-    the whole pass) and a fresh loader restored from it taking the rest."""
+def _resumed_stream(cls, after_batches: int | None, iters_after: int) -> list[list[int]]:
+    """A save after ``after_batches`` batches of the first pass (``None``: after the whole
+    pass, its end seen), and a fresh loader restored from it iterated ``iters_after`` times."""
     first = _loader(cls)
     iterator = iter(first)
     taken = [b.tolist() for b in itertools.islice(iterator, after_batches)]
     state = first.state_dict()
     second = _loader(cls)
     second.load_state_dict(state)
-    passes = 3 if after_batches is not None else 2
-    return taken + [b.tolist() for _ in range(passes) for b in second]
+    return taken + [b.tolist() for _ in range(iters_after) for b in second]
 
 
-@pytest.mark.parametrize("after_batches", [2, None], ids=["mid-pass", "after-a-pass"])
-def test_resumable_loader_resumes_the_pass_and_the_passes_after_it(after_batches):
+@pytest.mark.parametrize(
+    ("after_batches", "iters_after"),
+    [(2, 3), (4, 2), (None, 2)],  # mid-pass; on the last batch (the end not seen yet); after
+    ids=["mid-pass", "last-batch", "after-a-pass"],
+)
+def test_resumable_loader_resumes_the_pass_and_the_passes_after_it(after_batches, iters_after):
     reference = _loader()
     stream = [b.tolist() for _ in range(3) for b in reference]
-    assert _resumed_stream(ResumableDataLoader, after_batches) == stream
+    assert _resumed_stream(ResumableDataLoader, after_batches, iters_after) == stream
+
+
+def test_resumable_loader_reads_the_state_of_the_loader_before_torchdata():
+    """Checkpoints written before torchdata held {generator state at the pass start, batches
+    taken}; the stream was the same, so they resume exactly too."""
+    reference = _loader()
+    stream = [b.tolist() for _ in range(3) for b in reference]
+    resumed = _loader()
+    pass_start = torch.Generator().manual_seed(5).get_state()
+    resumed.load_state_dict({"generator": pass_start, "batches": 2})
+    assert stream[:2] + [b.tolist() for _ in range(3) for b in resumed] == stream
+
+
+def test_resumable_loader_shuffles_as_a_plain_dataloader():
+    """torch's RandomSampler, not torchdata's: the stream of a plain DataLoader with the same
+    generator, and under DDP Lightning swaps it for an epoch-seeded DistributedSampler."""
+    loader = _loader()
+    assert type(loader.sampler) is RandomSampler
+    plain = DataLoader(
+        list(range(10)), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
+    assert [b.tolist() for _ in range(2) for b in loader] == [
+        b.tolist() for _ in range(2) for b in plain
+    ]
 
 
 def test_plain_stateful_dataloader_still_needs_the_fix():
     """Why ResumableDataLoader subclasses StatefulDataLoader: restored, torchdata 0.11 redraws
     the permutation but not the base seed, so the passes after the resumed one differ. When
-    this starts to fail, torchdata restores the generator itself and the subclass can go."""
+    this starts to fail, check whether the subclass can go."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     reference = _loader(StatefulDataLoader)
     stream = [b.tolist() for _ in range(3) for b in reference]
-    resumed = _resumed_stream(StatefulDataLoader, 2)
+    resumed = _resumed_stream(StatefulDataLoader, 2, 3)
     assert resumed[:4] == stream[:4]  # the resumed pass itself is exact
     assert resumed != stream  # the next passes are not
 
