@@ -92,8 +92,27 @@ def branch(seed: int, overrides: list[str], base: Path, run_dir: Path) -> dict[s
     shutil.copytree(base / "sft", run_dir / "sft")
     for name in SHARED_STATE[cfg.loop.schedule]:
         shutil.copy2(base / "state" / f"{name}.pt", run_dir / "state" / f"{name}.pt")
+    if "iteration_0" in SHARED_STATE[cfg.loop.schedule]:
+        own_directions(run_dir, cfg)
     save_run_config(run_dir, cfg)
     return run(cfg, run_dir, True)
+
+
+def own_directions(run_dir: Path, cfg) -> None:
+    """Give the branch's sampler the directions its own config asks for (``sampler.direction``
+    and the sampler's own options), from the candidates the base run saved after iteration 0,
+    as if it had run iteration 0 itself."""
+    from hydra.utils import instantiate
+
+    from zopro_lightning.run_state import load_state, save_state
+
+    state = load_state(run_dir, "iteration_0")
+    directions = state["directions"]
+    sampler = instantiate(cfg.sampler.sampler)
+    mu = directions.get(cfg.sampler.get("direction", "update")) or directions["update"]
+    sampler.set_directions(mu, directions["reward"])
+    state["sampler"] = sampler.state_dict()
+    save_state(run_dir, "iteration_0", state)
 
 
 def curve(summary: dict[str, Any], first_order_steps: int, steps: int) -> dict[str, Any]:

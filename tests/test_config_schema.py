@@ -72,11 +72,9 @@ BAD_VALUES = [
     ("sft.max_length=1", "sft.max_length=1: out of range", "null or an integer >= 2"),
     ("reward_model.warmup_fraction=1", "reward_model.warmup_fraction=1: out of range", "[0, 1)"),
     ("++loop.schedule=sideways", "loop.schedule='sideways': not a known choice", "zeroth_order"),
-    (
-        "++loop.zeroth_order_steps_per_batch=0",
-        "loop.zeroth_order_steps_per_batch=0: out of range",
-        "an integer >= 1",
-    ),
+    ("policy.zo_steps_per_update=0", "policy.zo_steps_per_update=0: out of range", ">= 1"),
+    ("sampler.direction=sideways", "sampler.direction='sideways': not a known choice", "gradient"),
+    ("sampler.sampler.smoothing=1", "sampler.sampler.smoothing=1: out of range", "[0, 1)"),
     ("++policy.zo_rule=lbfgs", "policy.zo_rule='lbfgs': not a known choice", "sgd, momentum, adam"),
 ]
 

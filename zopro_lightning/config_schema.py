@@ -118,13 +118,14 @@ RULES: tuple[Rule, ...] = (
     _count("policy.max_new_tokens"),
     _count("policy.micro_batch_size", nullable=True),
     _count("policy.zo_steps_per_update"),
+    Rule("sampler.sampler.smoothing", float, ge=0, lt=1),
+    Rule("sampler.sampler.initial_decay", float, ge=0, le=1),
     # loop
     _count("loop.iterations"),
     _count("loop.steps_per_iteration"),
     _count("loop.batch_size"),
     _count("loop.first_order_steps", nullable=True),
     _count("loop.checkpoint_every", nullable=True),
-    _count("loop.zeroth_order_steps_per_batch"),
     _positive("loop.first_order_lr"),
     _positive("loop.zeroth_order_lr"),
     _positive("loop.refine.lr"),
@@ -159,8 +160,10 @@ RULES: tuple[Rule, ...] = (
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "loop.schedule": ("first_order_then_zeroth_order", "first_order", "zeroth_order"),
-    "loop.zeroth_order_optimizer": ("sgd", "momentum", "adam"),
     "policy.zo_rule": ("sgd", "momentum", "adam"),
+    "sampler.direction": ("update", "gradient"),
+    "sampler.sampler.decay": ("linear", "exp", "constant"),
+    "sampler.sampler.scale": ("isotropic", "previous_update"),
     "dataset.task.prompt_length_mode": ("drop", "truncate"),
 }
 """Options with a fixed set of values."""

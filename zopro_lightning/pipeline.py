@@ -612,7 +612,8 @@ class Pipeline:
             self.summary.setdefault("policy_seconds_per_iteration", []).append(
                 time.perf_counter() - started_at
             )
-            mu = self.policy_direction(policy, theta_before)
+            candidates = self.policy_directions(policy, theta_before)
+            mu = candidates.get(self.cfg.sampler.get("direction", "update")) or candidates["update"]
             measured = self.evaluate(policy)
             self.summary.setdefault(f"{key}_per_iteration", []).append(measured)
             self.summary.setdefault("optimizer_per_iteration", []).append(
@@ -635,7 +636,7 @@ class Pipeline:
             self.summary.setdefault("refinement_dropped", []).append(refinement["dropped"])
             self.summary["matched_tensors"] = matched
             self.save_adapters(t, policy, reward)
-            self.save_iteration(t, policy, reward, sampler)
+            self.save_iteration(t, policy, reward, sampler, candidates | {"reward": v})
         self.summary[f"{key}_final"] = self.summary[f"{key}_per_iteration"][-1]
         if key != "gold_reward":
             self.summary["gold_reward_final"] = math.nan  # no gold reward (see gold_evaluation)
@@ -694,18 +695,17 @@ class Pipeline:
             )
         return optimizer
 
-    def policy_direction(self, policy, theta_before: dict[str, torch.Tensor]) -> dict:
-        """``mu`` for the sampler after a policy phase. ``sampler.direction: update`` (as
-        published): the phase's update ``theta_t - theta_{t-1}``. ``gradient``: minus the
-        phase optimizer's running gradient mean at its end (AdamW's first moment after a
-        first-order phase; the ZO momentum or Adam moment after a zeroth-order one), falling
-        back to the update where the optimizer keeps none (zeroth-order SGD)."""
-        update = state_difference(trainable_state(policy), theta_before)
-        if self.cfg.sampler.get("direction", "update") != "gradient":
-            return update
+    def policy_directions(self, policy, theta_before: dict[str, torch.Tensor]) -> dict:
+        """The candidates for the sampler's ``mu`` after a policy phase, by
+        ``sampler.direction``: ``update`` (as published), the phase's update
+        ``theta_t - theta_{t-1}``; ``gradient``, minus the phase optimizer's running gradient
+        mean at its end (AdamW's first moment after a first-order phase; the ZO momentum or
+        Adam moment after a zeroth-order one), absent (so the update is used) where the
+        optimizer keeps none (zeroth-order SGD)."""
         optimizers = self.last_trainer.optimizers if self.last_trainer is not None else []
         gradient = self.policy_module.optimizer_direction(optimizers[0] if optimizers else None)
-        return gradient or update
+        update = state_difference(trainable_state(policy), theta_before)
+        return {"update": update, "gradient": gradient} if gradient else {"update": update}
 
     def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
         """Policy learning of iteration ``t`` on its chunk of prompts, one Lightning ``fit``.
@@ -750,8 +750,13 @@ class Pipeline:
             }
             save_state(self.run_dir, name, payload | extra)
 
-    def save_iteration(self, t: int, policy, reward: HFRewardModel, sampler) -> None:
-        """The state after iteration ``t``; the iteration's mid-way checkpoints then go."""
+    def save_iteration(
+        self, t: int, policy, reward: HFRewardModel, sampler, directions: dict[str, dict]
+    ) -> None:
+        """The state after iteration ``t``; the iteration's mid-way checkpoints then go.
+        ``directions`` (each candidate ``mu`` and ``v``, the size of the trainable sets) let a
+        run branched from this state set its own sampler's directions (``bench/schedules.py``).
+        """
         judge = {name: getattr(self.judge, name, None) for name in JUDGE_COUNTERS}
         self.save_run_state(
             f"iteration_{t}",
@@ -763,6 +768,7 @@ class Pipeline:
                 "policy_updates": self.policy_module.policy_updates,
                 "skipped_steps": self.policy_module.skipped_steps,
                 "judge": {k: v for k, v in judge.items() if isinstance(v, int)},
+                "directions": directions,
             },
         )
         if self.is_global_zero:
