@@ -16,12 +16,23 @@ test compares to ``OUT_DIR/rank_<r>.pt``:
 - ``written``: the run-directory paths this rank wrote (every atomic rename, ``os.replace``,
   and every adapter save, ``PeftModel.save_pretrained``), relative to the run directory;
 - ``summary``: what ``run_pipeline`` returned on this rank; ``rank`` / ``world_size``.
+
+Options (after ``OUT_DIR``), for the stop-and-resume tests: ``--devices 1`` runs one process
+(no DDP); ``--resume`` adds ``resume=OUT_DIR/run``; ``--pause POINT`` makes every rank, on
+reaching ``POINT``, write ``OUT_DIR/paused_rank<r>`` and wait (at most a minute) for the test
+to stop it with a real signal, so that the stop lands exactly there. The points
+(:data:`PAUSE_POINTS`): ``sft`` (``RUN_DIR/sft`` and ``state/sft.pt`` written), ``start``
+(``state/start.pt``: r_0), ``policy_<t>`` (iteration ``t``'s policy phase done, its
+refinement not begun), ``iteration_<t>`` (``state/iteration_<t>.pt`` written), ``update_<n>``
+(inside a policy phase, before update ``n``, the checkpoint after update ``n - 1`` written).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,10 +59,38 @@ OVERRIDES = [
     "interplay.snapshots=false",
     "num_threads=1",
     "trainer.accelerator=cpu",
-    "trainer.devices=2",
-    "+trainer.strategy=ddp",
     "+trainer.enable_progress_bar=false",
+    "loop.checkpoint_every=1",
 ]
+DDP = ["trainer.devices=2", "+trainer.strategy=ddp"]
+PAUSE_POINTS = ("sft", "start", "policy_<t>", "iteration_<t>", "update_<n>")
+PAUSE_SECONDS = 60
+
+
+class Pause:
+    """Where this run waits for its signal (``--pause``; ``None``: nowhere)."""
+
+    point: str | None = None
+    out: Path | None = None
+
+    @classmethod
+    def at(cls, point: str) -> None:
+        """At ``point`` when it is the one asked for: note it, then wait for the signal."""
+        if point != cls.point or cls.out is None:
+            return
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        (cls.out / f"paused_rank{rank}").touch()
+        deadline = time.monotonic() + PAUSE_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(0.02)  # a signal's KeyboardInterrupt (or SIGTERM's end) comes in here
+        raise RuntimeError(f"paused at {point} for {PAUSE_SECONDS} s and no signal came")
+
+
+class PauseBeforeUpdate(L.Callback):
+    """``Pause.at("update_<n>")`` before policy update ``n`` (its predecessor checkpointed)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        Pause.at(f"update_{pl_module.policy_updates}")
 
 
 class CountingJudge:
@@ -85,7 +124,22 @@ class RecordingPipeline(pipeline_module.Pipeline):
     def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
         if self.policy_start is None:
             self.policy_start = trainable_state(self.policy_module.policy)
-        super().learn_policy(t, prompts, callbacks)
+        super().learn_policy(t, prompts, [*callbacks, PauseBeforeUpdate()])
+        Pause.at(f"policy_{t}")
+
+    def supervised_fine_tuning(self) -> torch.nn.Module:
+        model = super().supervised_fine_tuning()
+        Pause.at("sft")
+        return model
+
+    def save_run_state(self, name: str, payload: dict[str, Any]) -> None:
+        super().save_run_state(name, payload)
+        if name == "start":
+            Pause.at(name)
+
+    def save_iteration(self, t: int, *args: Any) -> None:
+        super().save_iteration(t, *args)
+        Pause.at(f"iteration_{t}")
 
     def refine(
         self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list[tuple[str, str]]
@@ -136,10 +190,20 @@ def record_writes(run_dir: Path, written: list[str]) -> None:
     PeftModel.save_pretrained = save_pretrained
 
 
-def main(out_dir: str) -> None:
-    out = Path(out_dir).absolute()
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--pause")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir).absolute()
+    Pause.point, Pause.out = args.pause, out
+    overrides = [*OVERRIDES, *(DDP if args.devices == 2 else ["trainer.devices=1"])]
+    if args.resume:
+        overrides.append(f"resume={out / 'run'}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=OVERRIDES)
+        cfg = compose("config", overrides=overrides)
     written: list[str] = []
     record_writes(out / "run", written)
     pipeline_module.Pipeline = RecordingPipeline  # run_pipeline builds this one
@@ -147,9 +211,11 @@ def main(out_dir: str) -> None:
     pipeline = RecordingPipeline.instance
     assert pipeline is not None
     trainer = pipeline.last_trainer
-    assert trainer is not None and torch.distributed.is_initialized()
+    assert trainer is not None
+    distributed = args.devices > 1
+    assert torch.distributed.is_initialized() == distributed
     rank = trainer.global_rank
-    assert rank == torch.distributed.get_rank()
+    assert rank == (torch.distributed.get_rank() if distributed else 0)
     torch.save(
         {
             "rank": rank,
@@ -163,8 +229,9 @@ def main(out_dir: str) -> None:
         },
         out / f"rank_{rank}.pt",
     )
-    torch.distributed.barrier()  # rank 0 exits (and the test reads) once both files exist
+    if distributed:
+        torch.distributed.barrier()  # rank 0 exits (and the test reads) once both files exist
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -9,7 +9,8 @@ Zeroth-order data parallelism (DESIGN.md §2.3) needs only three things from the
   (:func:`cross_rank_mean`), after which every rank applies the same update;
 - a way to **share Python objects** (:func:`gather_objects`), e.g. the judged preference pairs
   of reward refinement, so that every rank trains its reward model on the same data set (which
-  Lightning's distributed sampler then shards).
+  Lightning's distributed sampler then shards); :func:`gather_per_rank` keeps them by rank
+  (every rank's rollout records in rank 0's checkpoint).
 
 Each helper takes a Lightning ``Trainer`` or ``Strategy`` and is the identity on one process.
 
@@ -56,6 +57,16 @@ def gather_objects(items: list[T], strategy_or_trainer: Any) -> list[T]:
     gathered: list[list[T] | None] = [None] * world
     dist.all_gather_object(gathered, list(items))
     return [item for rank_items in gathered for item in (rank_items or [])]
+
+
+def gather_per_rank(items: list[T], strategy_or_trainer: Any) -> list[list[T]]:
+    """Every rank's ``items``, as one list per rank in rank order, returned on every rank (one
+    ``all_gather_object``). On one process: ``[list(items)]``."""
+    if not is_multi_process(strategy_or_trainer):
+        return [list(items)]
+    gathered: list[list[T] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [list(rank_items or []) for rank_items in gathered]
 
 
 def agree_on_seed(seed: int, strategy_or_trainer: Any) -> int:
