@@ -1,10 +1,12 @@
-"""A pipeline run killed inside an iteration and resumed with ``resume=RUN_DIR`` ends exactly
-where the uninterrupted run ends; a resume with another config, or an unwritable output
-directory, is refused before any training."""
+"""A pipeline run killed inside an iteration, or stopped by a real signal at any of its saved
+states (after SFT, after r_0, after a policy phase, after a refinement), and resumed with
+``resume=RUN_DIR`` ends exactly where the uninterrupted run ends; a resume with another
+config, or an unwritable output directory, is refused before any training."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from zopro_lightning.pipeline import Pipeline, run_pipeline
 from zopro_lightning.run_state import load_state
 
 from .test_cli import SMALL
+from .test_ddp_pipeline import assert_same_weights, launch, launch_and_stop, saved_ranks
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RESUMABLE = [
@@ -119,3 +122,42 @@ def test_first_order_iteration_can_have_its_own_length(tmp_path):
     assert summary["policy_steps"] == 3 + 4  # iteration 0 first-order: 3; iteration 1: 4
     assert summary["optimizer_per_iteration"] == ["first_order", "zeroth_order"]
     assert load_state(tmp_path / "run", "iteration_1")["policy_updates"] == 7
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> dict:
+    """What an uninterrupted one-process run of ``tests/ddp_pipeline_worker.py`` saved."""
+    out = tmp_path_factory.mktemp("one_process")
+    launch(out, "--devices", "1")
+    return saved_ranks(out, world_size=1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("point", "sig", "saved"),
+    [
+        ("sft", signal.SIGINT, ["sft"]),  # the merged SFT policy, state/sft.pt
+        ("start", signal.SIGTERM, ["sft", "start"]),  # r_0
+        # iteration 0's policy phase done (its last update checkpointed), refinement not begun
+        ("policy_0", signal.SIGINT, ["sft", "start"]),
+        ("iteration_0", signal.SIGTERM, ["sft", "start", "iteration_0"]),  # refinement 0 done
+    ],
+)
+def test_run_stopped_by_a_signal_at_a_saved_state_resumes_to_bit_identical_weights(
+    one_process_run, tmp_path, point, sig, saved
+):
+    out = tmp_path / "stopped"
+    launch_and_stop(out, point, sig, "--devices", "1", ranks=1)
+    assert sorted(p.stem for p in (out / "run/state").glob("*.pt")) == sorted(saved)
+    if point == "policy_0":
+        assert (out / "run/checkpoints/iteration_0/last.ckpt").exists()
+    launch(out, "--devices", "1", "--resume")
+    resumed = saved_ranks(out, world_size=1)[0]
+    redone = len(resumed["refinements"])
+    assert redone == (1 if point == "iteration_0" else 2)
+    for again, before in zip(
+        resumed["refinements"], one_process_run["refinements"][-redone:], strict=True
+    ):
+        assert again["prompts"] == before["prompts"]
+        assert again["trained_on"] == before["trained_on"]
+    assert_same_weights([resumed], [one_process_run])
