@@ -231,3 +231,23 @@ def test_smoothing_blends_the_previous_direction_in():
     assert torch.allclose(draw(plain), second, atol=1e-6)  # default: the last update alone
     with pytest.raises(ValueError, match="smoothing"):
         ZOPrOSampler(smoothing=1.0)
+
+
+def test_per_tensor_coefficients_span_the_blocks_of_mu():
+    """Each tensor's targeted part is a_n mu_n with its own a_n ~ N(0, 1): along mu_n within a
+    tensor, with signs and sizes that differ between tensors and between seeds."""
+    g = torch.Generator().manual_seed(5)
+    mu = {"a.weight": torch.randn(8, 4, generator=g), "b.weight": torch.randn(6, 4, generator=g)}
+    sampler = ZOPrOSampler(decay="constant", initial_decay=1.0, coefficients="per_tensor",
+                           scale="previous_update")
+    sampler.set_directions(mu)
+    ratios = []
+    for seed in range(6):
+        for name, m in mu.items():
+            z = sampler.sample(name, m, tensor_generator(seed, name, m.device))
+            cosine = torch.nn.functional.cosine_similarity(z.flatten(), m.flatten(), dim=0)
+            assert abs(float(cosine)) == pytest.approx(1.0, abs=1e-6)  # along mu_n
+            ratios.append(float(z.flatten() @ m.flatten() / m.norm() ** 2))  # = a_n
+    assert min(ratios) < 0 < max(ratios) and len({round(r, 6) for r in ratios}) == len(ratios)
+    with pytest.raises(ValueError, match="coefficients"):
+        ZOPrOSampler(coefficients="blocks")

@@ -162,6 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loop.schedule": ("first_order_then_zeroth_order", "first_order", "zeroth_order"),
     "policy.zo_rule": ("sgd", "momentum", "adam"),
     "sampler.direction": ("update", "gradient"),
+    "sampler.sampler.coefficients": ("shared", "per_tensor"),
     "sampler.sampler.decay": ("linear", "exp", "constant"),
     "sampler.sampler.scale": ("isotropic", "previous_update"),
     "dataset.task.prompt_length_mode": ("drop", "truncate"),

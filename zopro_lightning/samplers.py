@@ -221,6 +221,12 @@ class ZOPrOSampler:
             at each :meth:`set_directions` (norms over all tensors; tensors of the same name
             and shape): a noisy iteration then steers the next one less. 0 (the default): the
             previous iteration's update alone, as published.
+        coefficients: ``"shared"`` (as published): ``z_n = d_t mu_n + ...`` for every tensor, a
+            line search along ``mu`` while ``d_t`` is near 1. ``"per_tensor"``:
+            ``z_n = a_n d_t mu_n + sqrt(1 - d_t^2) xi_tilde_n`` with ``a_n ~ N(0, 1)`` drawn per
+            tensor (from its own generator, after ``xi``): the targeted part explores the
+            subspace spanned by the per-tensor blocks of ``mu`` (one dimension per tensor)
+            instead of one line, so each layer's step along its block adapts separately.
         scale: ``"isotropic"`` (default) or ``"previous_update"`` (DESIGN.md's literal
             formula; its ``g`` collapses to 0 once ``mu`` is small, see above).
     """
@@ -232,6 +238,7 @@ class ZOPrOSampler:
         initial_decay: float = 1.0 - 1e-3,
         exp_rate: float = 1.0,
         smoothing: float = 0.0,
+        coefficients: Literal["shared", "per_tensor"] = "shared",
         scale: Literal["previous_update", "isotropic"] = "isotropic",
     ) -> None:
         if scale not in ("previous_update", "isotropic"):
@@ -257,6 +264,11 @@ class ZOPrOSampler:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"ZOPrOSampler: smoothing must lie in [0, 1), got {smoothing}.")
         self.smoothing = float(smoothing)
+        if coefficients not in ("shared", "per_tensor"):
+            raise ValueError(
+                f"ZOPrOSampler: coefficients must be shared or per_tensor, got {coefficients!r}."
+            )
+        self.coefficients = coefficients
         self.decay = float(initial_decay)
         self.num_steps = 0
         self._mu: dict[str, Tensor] = {}  # flattened, by canonical name
@@ -331,7 +343,9 @@ class ZOPrOSampler:
             xi = xi - torch.dot(v_hat, xi) * v_hat
         xi_tilde = xi * (mu_norm.to(xi.device) / (xi.norm() + 1e-8))
         d = self.decay
-        z = d * mu + math.sqrt(max(0.0, 1.0 - d * d)) * xi_tilde
+        if self.coefficients == "per_tensor":  # a_n ~ N(0, 1), this tensor's own draw
+            d = d * float(torch.randn((), generator=generator, device=generator.device))
+        z = d * mu + math.sqrt(max(0.0, 1.0 - self.decay**2)) * xi_tilde
         if self.scale == "isotropic":
             z = z * self._global_scale
         return z.view_as(param).to(param.dtype)
