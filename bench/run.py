@@ -3,10 +3,11 @@
 
     python bench/run.py --quick      # a few minutes, smallest settings, into bench/results/quick/
     python bench/run.py              # the full suite (about an hour on a 2-core CPU)
-    python bench/run.py --parts convergence,peer_trl
+    python bench/run.py --parts schedules,peer_trl
     python bench/run.py --device cuda   # on a GPU machine: step cost at GPU sizes
 
-Parts: ``convergence`` (ZOPrO vs Gaussian vs Rademacher vs first-order, 3 seeds), ``peer_trl``
+Parts: ``schedules`` (the paper's comparison: first-order, first-order then ZOPrO or Gaussian,
+fully zeroth-order; 5 seeds), ``profile_update`` (where an update's time goes), ``peer_trl``
 (TRL's RLOOTrainer on the same work), ``step_cost`` (ZO step vs forward vs FO step),
 ``step_cost_batch128`` (the same at the default run's update batch: 16 prompts x 8
 completions),
@@ -34,13 +35,20 @@ def quick_out(part: str) -> list[str]:
 
 
 QUICK = {  # part: (script, arguments)
-    "convergence": ("convergence", ["--quick", *quick_out("convergence")]),
+    "schedules": (
+        "schedules",
+        ["--seeds", "0", "--methods", "first_order", "zopro", "--workdir", str(QUICK_DIR / "work"),
+         *quick_out("schedules"), "--common", "loop.iterations=2", "--common",
+         "loop.steps_per_iteration=5", "--common", "loop.first_order_steps=5", "--common",
+         "reward_model.epochs=1"],
+    ),
     "peer_trl": ("peer_trl", ["--quick", *quick_out("peer_trl")]),
     "step_cost": ("step_cost", ["--sizes", "small", "--repeats", "2", *quick_out("step_cost")]),
     "communication": ("communication", ["--sizes", "tiny", "--steps", "2", *quick_out("comm")]),
 }
 FULL = {
-    "convergence": ("convergence", []),
+    "schedules": ("schedules", []),
+    "profile_update": ("profile_update", []),
     "peer_trl": ("peer_trl", []),
     "step_cost": ("step_cost", ["--sizes", "small,medium"]),
     "step_cost_batch128": ("step_cost", ["--sizes", "small,medium", *BATCH128]),
