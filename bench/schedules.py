@@ -42,6 +42,11 @@ METHODS: dict[str, list[str]] = {
     "first_order": ["loop.schedule=first_order"],
     "zopro": ["loop.schedule=first_order_then_zeroth_order", "sampler=zopro"],
     "gaussian": ["loop.schedule=first_order_then_zeroth_order", "sampler=gaussian"],
+    # ZOPrO as published: mu = the iteration's update, the loop's zeroth-order learning rate
+    "zopro_published": [
+        "loop.schedule=first_order_then_zeroth_order", "sampler=zopro",
+        "sampler.direction=update", "sampler.lr=null",
+    ],
     "zeroth_order": ["loop.schedule=zeroth_order", "sampler=zopro"],
 }
 #: what a branch takes from the base run's state
@@ -160,6 +165,8 @@ def aggregate(curves: dict[str, dict[int, dict]]) -> dict[str, Any]:
     for a, b, key in (
         ("zopro", "gaussian", "gain_iterations_1_to_T"),
         ("zopro", "first_order", "gain_iterations_1_to_T"),
+        ("zopro", "zopro_published", "gain_iterations_1_to_T"),
+        ("gaussian", "first_order", "gain_iterations_1_to_T"),
     ):
         if a in table and b in table:
             seeds = sorted(set(table[a]["seeds"]) & set(table[b]["seeds"]))
@@ -170,6 +177,47 @@ def aggregate(curves: dict[str, dict[int, dict]]) -> dict[str, Any]:
             ratio = table[a][key]["mean"] / table[b][key]["mean"] if table[b][key]["mean"] else None
             paired[f"{a}_minus_{b}"] = {"mean": m, "se": se, "per_seed": diffs, "ratio": ratio}
     return {"methods": table, "paired": paired}
+
+
+def gain_at(curve_: dict, seconds: float, start: int) -> float:
+    """Gold gain of ``curve_`` from its point ``start`` after ``seconds`` more policy-learning
+    seconds, linear between measured points (its last gain past its end)."""
+    xs = [x - curve_["seconds"][start] for x in curve_["seconds"][start:]]
+    ys = [y - curve_["gold"][start] for y in curve_["gold"][start:]]
+    points = list(zip(xs, ys, strict=True))
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if seconds <= x1:
+            return y0 + (y1 - y0) * (seconds - x0) / (x1 - x0) if x1 > x0 else y1
+    return ys[-1]
+
+
+def targets(curves: dict[str, dict[int, dict]], table: dict, paired: dict) -> dict[str, Any]:
+    """The issue's targets as measured: ratios of mean gains, at equal policy-learning seconds
+    (the first-order curve read, linearly between iteration ends, at the other method's
+    seconds), and the ZOPrO - Gaussian paired difference in standard errors."""
+    out: dict[str, Any] = {}
+    first = curves.get("first_order", {})
+    if "zopro" in curves and first:
+        seeds = sorted(set(curves["zopro"]) & set(first))
+        zo = [curves["zopro"][s]["gold"][-1] - curves["zopro"][s]["gold"][1] for s in seeds]
+        fo = [gain_at(first[s], curves["zopro"][s]["seconds"][-1]
+                      - curves["zopro"][s]["seconds"][1], 1) for s in seeds]
+        out["zo_iterations_over_first_order_at_equal_seconds (target >= 0.6)"] = round(
+            statistics.fmean(zo) / statistics.fmean(fo), 3) if statistics.fmean(fo) else None
+    if "zopro_minus_gaussian" in paired:
+        row = paired["zopro_minus_gaussian"]
+        out["zopro_over_gaussian (target >= 1.5)"] = (
+            round(row["ratio"], 3) if row["ratio"] is not None else None)
+        out["zopro_minus_gaussian_in_standard_errors (target >= 2)"] = (
+            round(row["mean"] / row["se"], 2) if row["se"] else None)
+    if "zeroth_order" in curves and first:
+        seeds = sorted(set(curves["zeroth_order"]) & set(first))
+        zo = [c["gold"][-1] - c["gold"][0] for c in (curves["zeroth_order"][s] for s in seeds)]
+        fo = [gain_at({"seconds": first[s]["seconds"][:2], "gold": first[s]["gold"][:2]},
+                      curves["zeroth_order"][s]["seconds"][-1], 0) for s in seeds]
+        out["fully_zo_over_first_order_iteration_0_at_equal_seconds (target >= 0.5)"] = round(
+            statistics.fmean(zo) / statistics.fmean(fo), 3) if statistics.fmean(fo) else None
+    return out
 
 
 def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
@@ -250,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **aggregate(curves),
         "bench_seconds": time.perf_counter() - started,
     }
+    payload["targets"] = targets(curves, payload["methods"], payload["paired"])
     write_results(name, payload, out)
     plot(curves, out.with_suffix(".png"))
     for method, row in payload["methods"].items():
@@ -259,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"seconds 1..T {row['policy_seconds_iterations_1_to_T']:.1f}")
     for key, row in payload["paired"].items():
         print(f"{key:>24}: {row['mean']:+.4f} ± {row['se']:.4f} (ratio {row['ratio']})")
+    for key, value in payload["targets"].items():
+        print(f"{key}: {value}")
     return payload
 
 
