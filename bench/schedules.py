@@ -47,7 +47,7 @@ METHODS: dict[str, list[str]] = {
         "loop.schedule=first_order_then_zeroth_order", "sampler=zopro",
         "sampler.direction=update", "sampler.lr=null",
     ],
-    "zeroth_order": ["loop.schedule=zeroth_order", "sampler=zopro"],
+    "zeroth_order": ["experiment=fully_zeroth_order", "sampler=zopro"],
 }
 #: what a branch takes from the base run's state
 SHARED_STATE = {
