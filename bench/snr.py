@@ -13,7 +13,12 @@ The population gradient is estimated leave-one-out, ``G_{-b} = mean_{c != b} gra
   derivative, i.e. SPSA without finite-difference error) for ``--draws`` directions ``z`` per
   batch, from the Gaussian sampler and from ZOPrO's sampler at ``d = 0.999`` and ``d = 0``;
   and the same for the mean of ``K`` estimates on one batch (``K`` SPSA steps per rollout);
-- ``cos(G, mu)``: how much of the population gradient lies along the previous update.
+- ``cos(G, mu)``: how much of the population gradient lies along the previous update, and
+  along minus the first-order optimizer's gradient mean where the run saved it
+  (``sampler.direction=gradient``);
+- ``cos(G, G before refinement)``: the gradient under the reward model before this
+  iteration's refinement, from other rollouts, beside ``cos(G, G from other rollouts)`` under
+  the same reward model: the ceiling two noisy estimates reach.
 
     python bench/snr.py RUN_DIR                      # a run made with loop.schedule=first_order
     python bench/snr.py RUN_DIR --batches 8 --draws 64
@@ -84,12 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
     def flat(tensors) -> torch.Tensor:
         return torch.cat([tensors[n].detach().double().flatten() for n in names])
 
-    def population_gradient(reward_weights) -> list:
+    def population_gradient(reward_weights, offset: int = 0) -> list:
+        """Batch gradients on ``--batches`` rollouts (sampling seeds ``offset + b``)."""
         load_trainable(reward.model, reward_weights)
         found = []
         for b in range(args.batches):
             chunk = [prompts[(start + b * batch + i) % len(prompts)] for i in range(batch)]
-            module.policy_updates = b
+            module.policy_updates = offset + b
             rollout = module.rollout(chunk)
             policy.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -104,21 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     # the reward model before this iteration's refinement: what the policy was trained on
     earlier = load_state(args.run_dir, "start" if args.iteration == 0 else
                          f"iteration_{args.iteration - 1}")["reward"]
-    gradient_before = torch.stack(population_gradient(earlier)).mean(0)
-    load_trainable(reward.model, state["reward"])
-    grads = []
-    for b in range(args.batches):
-        chunk = [prompts[(start + b * batch + i) % len(prompts)] for i in range(batch)]
-        module.policy_updates = b
-        rollout = module.rollout(chunk)
-        policy.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logprobs = completion_logprobs(policy, rollout.input_ids, rollout.attention_mask,
-                                           rollout.completion_mask, cfg.policy.temperature)
-            loss = clipped_surrogate(logprobs, rollout.old_logprobs, rollout.advantages,
-                                     cfg.policy.clip_range).mean()
-            loss.backward()
-        grads.append(flat({n: p.grad for n, p in params.items()}))
+    gradient_before = torch.stack(population_gradient(earlier, offset=1000)).mean(0)
+    # the same gradient from other rollouts: the ceiling two noisy estimates can reach
+    gradient_again = torch.stack(population_gradient(state["reward"], offset=1000)).mean(0)
+    grads = population_gradient(state["reward"])  # [B] of [D], the refined reward model
     policy.zero_grad(set_to_none=True)
     grads_t = torch.stack(grads)  # [B, D]
     total = grads_t.sum(0)
@@ -127,11 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
         return float(a @ b / (a.norm() * b.norm() + 1e-30))
 
     loo = [(total - grads_t[b]) / (len(grads) - 1) for b in range(len(grads))]
-    zopro_far, zopro_near = ZOPrOSampler(decay="constant", initial_decay=0.999), None
-    zopro_far.set_directions(mu, None)
-    zopro_near = ZOPrOSampler(decay="constant", initial_decay=0.0)
-    zopro_near.set_directions(mu, None)
-    samplers = {"gaussian": GaussianSampler(), "zopro_d0.999": zopro_far, "zopro_d0": zopro_near}
+    candidates = {"update": mu, **{k: v for k, v in state.get("directions", {}).items()
+                                   if k == "gradient"}}
+    samplers: dict = {"gaussian": GaussianSampler()}
+    for label, direction in candidates.items():
+        for d in (0.999, 0.0):
+            sampler = ZOPrOSampler(decay="constant", initial_decay=d)
+            sampler.set_directions(direction, None)
+            samplers[f"zopro_{label}_d{d}"] = sampler
     results: dict[str, dict] = {
         "first_order": {
             "cos_with_population_gradient": [cos(g, t) for g, t in zip(grads, loo, strict=True)]
@@ -166,17 +164,21 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_values": int(mu_flat.numel()),
         "batches": args.batches,
         "draws": args.draws,
-        "cos_population_gradient_mu": cos(total, mu_flat),
+        "cos_population_gradient_mu": {
+            label: cos(total, flat(direction)) for label, direction in candidates.items()
+        },
         "cos_population_gradient_mu_descent_sign": "negative: -G points along +mu",
         "cos_population_gradient_before_refinement": cos(total, gradient_before),
+        "cos_population_gradient_other_rollouts": cos(total, gradient_again),
         "batch_gradient_norm_mean": statistics.fmean(float(g.norm()) for g in grads),
         "population_gradient_norm": float(total.norm() / len(grads)),
         "results": results,
     }
     write_results("snr", payload, args.out)
-    print(f"D = {payload['trainable_values']}, "
-          f"cos(G, mu) = {payload['cos_population_gradient_mu']:+.4f}, "
-          f"cos(G, G before refinement) = {payload['cos_population_gradient_before_refinement']}")
+    print(f"D = {payload['trainable_values']}, cos(G, mu) = "
+          f"{payload['cos_population_gradient_mu']}, cos(G, G before refinement) = "
+          f"{payload['cos_population_gradient_before_refinement']:.3f} (other rollouts, same "
+          f"reward: {payload['cos_population_gradient_other_rollouts']:.3f})")
     print(f"first-order step: cos = {results['first_order']['mean_cos']:.4f}")
     for key, rows in results.items():
         if key.startswith("spsa"):
