@@ -252,3 +252,25 @@ def test_optimizer_direction_is_minus_the_running_gradient_mean(lora_policy, tok
     trainer = fit(module, small_task.train_prompts[:4], steps=1)
     assert module.optimizer_direction(trainer.optimizers[0]) == {}
     assert module.optimizer_direction(None) == {}
+
+
+def test_logged_decay_is_the_one_the_step_drew_with(lora_policy, tokenizer, small_task):
+    """d_t of each logged step is the value before that step advanced the schedule: d_0 first
+    (the schedule restarts with new directions), then d_0 - 1/T, ..."""
+    sampler = ZOPrOSampler(decay="linear", initial_decay=0.9)
+    sampler.set_directions({n: torch.randn(p.shape) for n, p in lora_policy.named_parameters()
+                            if p.requires_grad})
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, sampler, k=2,
+                         max_new_tokens=4, lr=1e-3)
+    seen = []
+    original = module.log_dict
+
+    def record(metrics, *args, **kwargs):
+        if "policy/decay" in metrics:
+            seen.append(float(metrics["policy/decay"]))
+        return original(metrics, *args, **kwargs)
+
+    module.log_dict = record
+    fit(module, small_task.train_prompts[:6], steps=3)
+    assert seen == pytest.approx([0.9, 0.9 - 1 / 3, 0.9 - 2 / 3])
+    assert sampler.decay == pytest.approx(0.0, abs=1e-9)
