@@ -210,6 +210,7 @@ def schedules_section() -> list[str]:
         f"{result['seeds']} (never used to tune). Gains are held-out gold reward differences; "
         "± is the standard error over seeds.",
         "",
+        *([f"Note: {result['note']}", ""] if result.get("note") else []),
         "![schedules](bench/results/schedules.png)",
         "",
         "| method | overrides | gain of iterations 1..T | gain from SFT | policy seconds 1..T |",
