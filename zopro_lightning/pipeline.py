@@ -550,11 +550,13 @@ class Pipeline:
             save_run_config(self.run_dir, cfg)
         start_loggers(self.loggers, cfg, self.resuming)
         self.loggers_started = True
+        log.info("[sft] supervised fine-tuning with LoRA, %d epochs", cfg.sft.epochs)
         sft_model = self.supervised_fine_tuning()
         self.seed_phase("reward_model")
         self.progress.enter("reward_model")
         started = load_state(self.run_dir, "start") if self.resuming else None
         if started is None:
+            log.info("[reward model] r_0, %d epochs", cfg.reward_model.epochs)
             reward = self.reward_model()
             self.reward_model_quality(reward, suffix="_initial")
         else:
@@ -608,6 +610,11 @@ class Pipeline:
             self.seed_phase("policy_learning", t)
             self.progress.enter("policy_learning", t)
             started_at = time.perf_counter()
+            log.info(
+                "[iteration %d/%d] policy learning: %s, %s, %d updates",
+                t + 1, iterations, "first-order" if first_order else "zeroth-order",
+                "AdamW" if first_order else f"{cfg.sampler.name} sampler", self.steps_of(t),
+            )  # fmt: skip
             self.learn_policy(t, chunks[t], callbacks)
             self.summary.setdefault("policy_seconds_per_iteration", []).append(
                 time.perf_counter() - started_at
@@ -615,6 +622,11 @@ class Pipeline:
             candidates = self.policy_directions(policy, theta_before)
             mu = candidates.get(self.cfg.sampler.get("direction", "update")) or candidates["update"]
             measured = self.evaluate(policy)
+            gains = self.summary.get(f"{key}_gain_stderr_per_iteration") or [math.nan]
+            log.info(
+                "[iteration %d/%d] held-out %s %.4f (paired s.e. of the gain %.4f)",
+                t + 1, iterations, key, measured, gains[-1],
+            )  # fmt: skip
             self.summary.setdefault(f"{key}_per_iteration", []).append(measured)
             self.summary.setdefault("optimizer_per_iteration", []).append(
                 self.policy_module.hparams.optimizer
@@ -624,6 +636,8 @@ class Pipeline:
             phi_before = trainable_state(reward.model)
             self.seed_phase("refinement", t)
             self.progress.enter("refinement", t)
+            log.info("[iteration %d/%d] reward refinement: %s judge", t + 1, iterations,
+                     cfg.judge.name)
             refinement = self.refine(reward, self.policy_module, recorder.pop())
             v = state_difference(trainable_state(reward.model), phi_before)
             if snapshots is not None:
