@@ -261,3 +261,23 @@ def test_rollout_records_are_checkpointed_by_rank_and_restored_to_their_rank():
     assert recorder.records == [("a", "1"), ("b", "2"), ("c", "3")]
     recorder.load_state_dict({"records": [["p", "c"]]})  # a checkpoint from before by-rank
     assert recorder.records == [("p", "c")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("point", "sig"),
+    [
+        ("sft", signal.SIGTERM),  # the SFT model and state/sft.pt written
+        ("start", signal.SIGINT),  # r_0 written (state/start.pt)
+        ("policy_1", signal.SIGTERM),  # iteration 1's policy phase done, its refinement not
+    ],
+)
+def test_ddp_run_stopped_at_a_phase_boundary_resumes_to_bit_identical_weights(
+    run, tmp_path, point, sig
+):
+    _, uninterrupted = run
+    out = tmp_path / "stopped"
+    launch_and_stop(out, point, sig)
+    assert not (out / "run/summary.json").exists()
+    launch(out, "--resume")
+    assert_same_weights(saved_ranks(out), uninterrupted)

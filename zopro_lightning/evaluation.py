@@ -51,18 +51,10 @@ def prompt_mean_rewards(
     return rewards.nanmean(dim=1)
 
 
-def mean_gold_reward(
-    policy: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    gold_reward: RewardFn,
-    config: RolloutConfig,
-    seed: int = 1234,
-    batch_size: int = 64,
-) -> float:
-    """Mean gold reward of ``config.k`` sampled completions per held-out prompt (the mean of
-    :func:`prompt_mean_rewards` over the prompts with a finite score)."""
-    means = prompt_mean_rewards(policy, tokenizer, prompts, gold_reward, config, seed, batch_size)
+def mean_gold_reward(*args, **kwargs) -> float:
+    """Mean gold reward of ``config.k`` sampled completions per held-out prompt: the mean of
+    :func:`prompt_mean_rewards` (same arguments) over the prompts with a finite score."""
+    means = prompt_mean_rewards(*args, **kwargs)
     return float(means[torch.isfinite(means)].mean())
 
 
