@@ -231,6 +231,8 @@ def main(argv: list[str]) -> None:
     )
     if distributed:
         torch.distributed.barrier()  # rank 0 exits (and the test reads) once both files exist
+    if torch.distributed.is_initialized():  # gloo torn down at exit can abort the process
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

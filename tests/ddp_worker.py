@@ -249,6 +249,11 @@ def main(out_dir: str) -> None:
     # a fitted trainer's strategy still holds the process group
     results["gathered"] = gather_objects([f"rank{rank}-item{i}" for i in range(rank + 1)], fitted)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    # leave the process group before the interpreter exits: gloo's threads torn down at exit
+    # can abort the process ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

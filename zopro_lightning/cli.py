@@ -51,6 +51,16 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         print(f'{"policy":>32}: {run_dir / "policy"} (zopro-generate {run_dir} "a prompt")')
 
 
+def leave_process_group() -> None:
+    """Under DDP, leave the process group once the run is done: gloo's threads torn down at
+    interpreter exit can otherwise abort a rank ("terminate called without an active
+    exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def train(cfg: DictConfig) -> float:
     from zopro_lightning.console import quiet_console
@@ -63,6 +73,7 @@ def train(cfg: DictConfig) -> float:
     # resume=RUN_DIR goes on in that directory (this invocation's Hydra directory keeps its log)
     run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
     summary = run_pipeline(cfg, run_dir)
+    leave_process_group()
     print_summary(summary, run_dir)
     print(json.dumps({"summary": str(run_dir / "summary.json")}))
     # the sweep objective: the gold reward, or the reward model's score where there is no gold
