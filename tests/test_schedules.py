@@ -11,30 +11,19 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests.test_cli import SMALL as CLI_SMALL
 from zopro_lightning.pipeline import Pipeline, iteration_optimizer, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "dataset.task.n_train_prompts=16",
-    "dataset.task.n_eval_prompts=4",
-    "dataset.task.n_sft=32",
-    "dataset.task.n_train_pairs=16",
-    "dataset.task.n_eval_pairs=8",
-    "sft.epochs=1",
-    "reward_model.epochs=1",
-    "loop.iterations=2",
-    "loop.steps_per_iteration=2",
-    "loop.first_order_steps=3",
-    "loop.batch_size=2",
-    "loop.checkpoint_every=null",
-    "eval.samples_per_prompt=2",
-    "policy.k=2",
-    "policy.max_new_tokens=6",
-    "model.tiny.hidden_size=16",
-    "model.tiny.intermediate_size=32",
-    "model.tiny.num_heads=2",
-    "interplay.snapshots=false",
-]
+#: test_cli's small run, with a first-order iteration 0 of its own length, no checkpoints,
+#: two evaluation samples and no snapshots
+OWN = {
+    "loop.first_order_steps": "3",
+    "loop.checkpoint_every": "null",
+    "eval.samples_per_prompt": "2",
+    "interplay.snapshots": "false",
+}
+SMALL = [o for o in CLI_SMALL if o.split("=")[0] not in OWN] + [f"{k}={v}" for k, v in OWN.items()]
 
 
 def config(*overrides: str):
