@@ -73,7 +73,7 @@ def communication_meter():
     import lightning as L
     from torch.profiler import ProfilerActivity, profile
 
-    from zopro_lightning.distributed import ddp_wrapper
+    from zopro_lightning.utils.distributed import ddp_wrapper
 
     class CommunicationMeter(L.Callback):
         def __init__(self) -> None:
@@ -120,8 +120,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from zopro_lightning import ZOPrOModule
     from zopro_lightning.data.sentiment import build_sentiment_task
-    from zopro_lightning.models import add_lora, build_tiny_causal_lm
-    from zopro_lightning.tokenizer import build_word_tokenizer
+    from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
+    from zopro_lightning.models.tokenizer import build_word_tokenizer
 
     torch.set_num_threads(args.threads)
     task = build_sentiment_task(

@@ -22,7 +22,7 @@ The model (bytes at the peak of one operation, above the process before the mode
   are freed layer by layer) and ``N h L`` for training (every layer's activations are kept for
   the backward; the step's gradients are counted in ``s`` on top, an upper bound); ``N_l V``
   counts the logits (``N_l`` positions whose logits are computed, ``V`` the vocabulary), which
-  :func:`zopro_lightning.rollout.completion_logprobs` upcasts to float32 whatever the weights'
+  :func:`zopro_lightning.rl.rollout.completion_logprobs` upcasts to float32 whatever the weights'
   dtype. ZO-Adam is left out of the fit and *predicted* with the inference coefficients: its
   relative error checks the analytic terms. ``c`` is what building a model costs the CPU process
   besides its tensors (module objects, small tensors in the heap); it is not carried to the GPU,
@@ -64,7 +64,7 @@ TRAINING_OPERATIONS = ("first_order",)  # keep every layer's activations for a b
 # tensor: ZO-Adam's g_hat with z drawn whole (then with Adam's denominator); the previous
 # tensor's, still referenced, are those of a small one (embeddings and LM head are not
 # neighbours); torch's single-tensor AdamW on a CPU: its denominator. ZO-SGD draws z in
-# 32K-element chunks (zopro_lightning.draws): none.
+# 32K-element chunks (zopro_lightning.zo.draws): none.
 TEMPORARIES = {"forward": 0, "zeroth_order": 0, "zeroth_order_adam": 2, "first_order": 1}
 
 

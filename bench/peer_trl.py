@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
 
-from zopro_lightning.memory import peak_rss_mb, rss_mb
+from zopro_lightning.utils.memory import peak_rss_mb, rss_mb
 
 RUNNERS = ("trl", "ours_first_order", "ours_zeroth_order")
 FULL_MODEL = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048}
@@ -45,8 +45,8 @@ def prepare_start(workdir: Path, seed: int) -> Path:
     """The SFT policy and the task's prompts of ``zopro-train``'s defaults, in ``workdir``."""
     from hydra import compose, initialize_config_dir
 
-    from zopro_lightning.cli import CONFIG_DIR
-    from zopro_lightning.pipeline import Pipeline
+    from zopro_lightning.run.cli import CONFIG_DIR
+    from zopro_lightning.run.pipeline import Pipeline
 
     start = workdir / "start"
     if (start / "prompts.json").exists():
@@ -60,7 +60,7 @@ def prepare_start(workdir: Path, seed: int) -> Path:
         "eval": list(pipeline.task.eval_prompts),
         "lora": {"r": cfg.model.lora.r, "alpha": cfg.model.lora.alpha},
     }
-    from zopro_lightning.models import build_tiny_causal_lm
+    from zopro_lightning.models.loading import build_tiny_causal_lm
 
     full = build_tiny_causal_lm(pipeline.tokenizer, max_position_embeddings=128, **FULL_MODEL)
     full.save_pretrained(start / "full")  # random weights: the full-parameter setting
@@ -99,10 +99,10 @@ def run_ours(
     import torch
     from torch.utils.data import DataLoader
 
-    from zopro_lightning.models import add_lora
-    from zopro_lightning.module import ZOPrOModule
-    from zopro_lightning.rewards import VaderSentimentReward
-    from zopro_lightning.samplers import GaussianSampler
+    from zopro_lightning.models.loading import add_lora
+    from zopro_lightning.policy.module import ZOPrOModule
+    from zopro_lightning.reward.callables import VaderSentimentReward
+    from zopro_lightning.zo.samplers import GaussianSampler
 
     meta = json.loads((start / "prompts.json").read_text())
     model, tokenizer = build_policy(setting, start)
@@ -158,7 +158,7 @@ def run_trl(setting: str, start: Path, steps: int, batch: int, k: int, seed: int
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from zopro_lightning.rewards import VaderSentimentReward
+    from zopro_lightning.reward.callables import VaderSentimentReward
 
     meta = json.loads((start / "prompts.json").read_text())
     model, tokenizer = build_policy(setting, start)
@@ -227,9 +227,9 @@ def gold_reward(policy, tokenizer, meta: dict, setting: str) -> float | None:
     """Mean VADER compound of 8 samples per held-out prompt (the pipeline's evaluation)."""
     if setting != "lora":
         return None
-    from zopro_lightning.evaluation import mean_gold_reward
-    from zopro_lightning.rewards import VaderSentimentReward
-    from zopro_lightning.rollout import RolloutConfig
+    from zopro_lightning.reward.callables import VaderSentimentReward
+    from zopro_lightning.rl.rollout import RolloutConfig
+    from zopro_lightning.run.evaluation import mean_gold_reward
 
     tokenizer.padding_side = "left"
     config = RolloutConfig(k=8, temperature=1.0, max_new_tokens=16)

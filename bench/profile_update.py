@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from zopro_lightning import rollout as rollout_module
-    from zopro_lightning.cli import CONFIG_DIR
-    from zopro_lightning.module import ZOPrOModule
-    from zopro_lightning.objectives import clipped_surrogate
-    from zopro_lightning.optim import ZerothOrderOptimizer
-    from zopro_lightning.pipeline import Pipeline
-    from zopro_lightning.rollout import completion_logprobs
-    from zopro_lightning.samplers import GaussianSampler
+    from zopro_lightning.policy.module import ZOPrOModule
+    from zopro_lightning.rl import rollout as rollout_module
+    from zopro_lightning.rl.objectives import clipped_surrogate
+    from zopro_lightning.rl.rollout import completion_logprobs
+    from zopro_lightning.run.cli import CONFIG_DIR
+    from zopro_lightning.run.pipeline import Pipeline
+    from zopro_lightning.zo.optim import ZerothOrderOptimizer
+    from zopro_lightning.zo.samplers import GaussianSampler
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["~logger", "sft.epochs=1", *args.overrides])

@@ -7,10 +7,10 @@
 (b) scores: the same backbone, MSE regression on z_mean of the shared WMT20 MLQE en-de rows,
     80/20: held-out Pearson and Spearman (torchmetrics).
 
-Both train through :class:`~zopro_lightning.reward_model.RewardModelModule` and a Lightning
+Both train through :class:`~zopro_lightning.reward.training.RewardModelModule` and a Lightning
 ``Trainer``, as the pipeline does; the data go through
 :func:`~zopro_lightning.data.tasks.build_preference_task` and the backbone through
-:func:`~zopro_lightning.reward_backbones.load_reward_backbone`.
+:func:`~zopro_lightning.reward.backbones.load_reward_backbone`.
 
     python bench/reward_model_quality.py                 # full: both parts
     python bench/reward_model_quality.py --quick         # a few minutes: subsample, 1 epoch
@@ -42,9 +42,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from zopro_lightning.data.tasks import build_preference_task  # noqa: E402
-from zopro_lightning.evaluation import pairwise_accuracy  # noqa: E402
-from zopro_lightning.reward_backbones import load_reward_backbone  # noqa: E402
-from zopro_lightning.reward_model import PairCollator, RewardModelModule, ScoreCollator  # noqa: E402
+from zopro_lightning.reward.backbones import load_reward_backbone  # noqa: E402
+from zopro_lightning.reward.training import PairCollator, RewardModelModule, ScoreCollator  # noqa: E402
+from zopro_lightning.run.evaluation import pairwise_accuracy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

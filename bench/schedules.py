@@ -61,7 +61,7 @@ def compose(seed: int, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from zopro_lightning.cli import CONFIG_DIR
+    from zopro_lightning.run.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=[f"seed={seed}", *QUIET, *overrides])
@@ -70,7 +70,7 @@ def compose(seed: int, overrides: list[str]):
 def run(cfg, run_dir: Path, resume: bool) -> dict[str, Any]:
     from omegaconf import open_dict
 
-    from zopro_lightning.pipeline import run_pipeline
+    from zopro_lightning.run.pipeline import run_pipeline
 
     if resume:
         with open_dict(cfg):
@@ -89,7 +89,7 @@ def base_run(seed: int, common: list[str], workdir: Path) -> Path:
 
 def branch(seed: int, overrides: list[str], base: Path, run_dir: Path) -> dict[str, Any]:
     """Run ``overrides`` from the base run's shared state (see the module docstring)."""
-    from zopro_lightning.run_state import save_run_config
+    from zopro_lightning.run.state import save_run_config
 
     cfg = compose(seed, overrides)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -109,7 +109,7 @@ def own_directions(run_dir: Path, cfg) -> None:
     as if it had run iteration 0 itself."""
     from hydra.utils import instantiate
 
-    from zopro_lightning.run_state import load_state, save_state
+    from zopro_lightning.run.state import load_state, save_state
 
     state = load_state(run_dir, "iteration_0")
     directions = state["directions"]

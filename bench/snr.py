@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from zopro_lightning.models import load_causal_lm, state_difference
-    from zopro_lightning.module import ZOPrOModule
-    from zopro_lightning.objectives import clipped_surrogate
-    from zopro_lightning.pipeline import Pipeline, load_trainable
-    from zopro_lightning.rollout import completion_logprobs
-    from zopro_lightning.run_state import load_state
-    from zopro_lightning.samplers import GaussianSampler, ZOPrOSampler
-    from zopro_lightning.spsa import tensor_generator
+    from zopro_lightning.models.loading import load_causal_lm, state_difference
+    from zopro_lightning.policy.module import ZOPrOModule
+    from zopro_lightning.rl.objectives import clipped_surrogate
+    from zopro_lightning.rl.rollout import completion_logprobs
+    from zopro_lightning.run.pipeline import Pipeline, load_trainable
+    from zopro_lightning.run.state import load_state
+    from zopro_lightning.zo.samplers import GaussianSampler, ZOPrOSampler
+    from zopro_lightning.zo.spsa import tensor_generator
 
     cfg = OmegaConf.load(args.run_dir / "run_config.yaml")
     cfg.resume = str(args.run_dir)

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_model import analyse  # noqa: E402
 
-from zopro_lightning.memory import peak_rss_mb, rss_mb  # noqa: E402
+from zopro_lightning.utils.memory import peak_rss_mb, rss_mb  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, intermediate, vocab
     "small": (256, 4, 4, 1024, 8000),
@@ -70,11 +70,11 @@ def worker(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zopro_lightning.models import add_lora
-    from zopro_lightning.objectives import clipped_surrogate
-    from zopro_lightning.optim import ZerothOrderOptimizer
-    from zopro_lightning.rollout import completion_logprobs
-    from zopro_lightning.samplers import GaussianSampler
+    from zopro_lightning.models.loading import add_lora
+    from zopro_lightning.rl.objectives import clipped_surrogate
+    from zopro_lightning.rl.rollout import completion_logprobs
+    from zopro_lightning.zo.optim import ZerothOrderOptimizer
+    from zopro_lightning.zo.samplers import GaussianSampler
 
     # the baseline before the model exists: the peak above it counts weights, state, activations
     if device == "cuda":

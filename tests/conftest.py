@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from zopro_lightning.data.sentiment import build_sentiment_task
-from zopro_lightning.models import add_lora, build_tiny_causal_lm
-from zopro_lightning.tokenizer import build_word_tokenizer
+from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
+from zopro_lightning.models.tokenizer import build_word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def tiny_reward_model(tokenizer, seed: int = 0, max_length: int = 64):
     :class:`HFRewardModel`; ``seed`` sets the score head's and adapter's start."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from zopro_lightning.rewards import HFRewardModel
+    from zopro_lightning.reward.callables import HFRewardModel
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -4,7 +4,7 @@ no ``test_`` prefix).
 Run as ``python tests/ddp_pipeline_worker.py OUT_DIR``: the composed config asks for
 ``trainer.devices=2 +trainer.strategy=ddp`` on the CPU (gloo), so the first phase's ``fit``
 (SFT) re-runs this script for rank 1, exactly as ``zopro-train`` would be re-run. Both ranks
-then go through :func:`~zopro_lightning.pipeline.run_pipeline` (SFT, reward model, two
+then go through :func:`~zopro_lightning.run.pipeline.run_pipeline` (SFT, reward model, two
 iterations of policy learning and refinement) into ``OUT_DIR/run``, and each saves what the
 test compares to ``OUT_DIR/rank_<r>.pt``:
 
@@ -45,10 +45,10 @@ from peft import PeftModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `tests.*`
 
 from tests.test_cli import SMALL  # noqa: E402
-from zopro_lightning import pipeline as pipeline_module  # noqa: E402
-from zopro_lightning.models import trainable_state  # noqa: E402
-from zopro_lightning.module import ZOPrOModule  # noqa: E402
-from zopro_lightning.rewards import HFRewardModel  # noqa: E402
+from zopro_lightning.models.loading import trainable_state  # noqa: E402
+from zopro_lightning.policy.module import ZOPrOModule  # noqa: E402
+from zopro_lightning.reward.callables import HFRewardModel  # noqa: E402
+from zopro_lightning.run import pipeline as pipeline_module  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OVERRIDES = [

@@ -38,12 +38,12 @@ from tests.conftest import tiny_reward_model  # noqa: E402
 from zopro_lightning import ZOPrOModule  # noqa: E402
 from zopro_lightning.data.resumable import ResumableDataLoader  # noqa: E402
 from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
-from zopro_lightning.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
-from zopro_lightning.models import add_lora, build_tiny_causal_lm  # noqa: E402
-from zopro_lightning.optim import ZerothOrderOptimizer  # noqa: E402
-from zopro_lightning.reward_model import PairCollator, RewardModelModule  # noqa: E402
-from zopro_lightning.samplers import GaussianSampler  # noqa: E402
-from zopro_lightning.tokenizer import build_word_tokenizer  # noqa: E402
+from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm  # noqa: E402
+from zopro_lightning.models.tokenizer import build_word_tokenizer  # noqa: E402
+from zopro_lightning.reward.training import PairCollator, RewardModelModule  # noqa: E402
+from zopro_lightning.utils.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
+from zopro_lightning.zo.optim import ZerothOrderOptimizer  # noqa: E402
+from zopro_lightning.zo.samplers import GaussianSampler  # noqa: E402
 
 STEPS = 3
 

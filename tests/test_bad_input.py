@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_dir
 from zopro_lightning.data.local_files import DataFileError
 from zopro_lightning.data.preference import load_preference_dataset
 from zopro_lightning.data.tasks import build_preference_task
-from zopro_lightning.models import build_tiny_causal_lm, load_causal_lm, load_tokenizer
-from zopro_lightning.pipeline import Pipeline, run_pipeline
-from zopro_lightning.tokenizer import build_word_tokenizer
+from zopro_lightning.models.loading import build_tiny_causal_lm, load_causal_lm, load_tokenizer
+from zopro_lightning.models.tokenizer import build_word_tokenizer
+from zopro_lightning.run.pipeline import Pipeline, run_pipeline
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_HH = (
@@ -206,7 +206,7 @@ def test_model_directory_without_tokenizer_says_so(tmp_path):
 
 
 def zopro_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "zopro_lightning.cli", f"hydra.run.dir={tmp_path / 'h'}"]
+    command = [sys.executable, "-m", "zopro_lightning.run.cli", f"hydra.run.dir={tmp_path / 'h'}"]
     return subprocess.run([*command, *overrides], capture_output=True, text=True, timeout=300)
 
 

@@ -15,17 +15,21 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import zopro_lightning.checkpointing
+import zopro_lightning.utils.checkpointing
 from zopro_lightning import ZOPrOModule
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
-from zopro_lightning.checkpointing import AtomicCheckpointIO, CheckpointIOError, ensure_writable
 from zopro_lightning.data.resumable import ResumableDataLoader
-from zopro_lightning.models import add_lora, build_tiny_causal_lm
-from zopro_lightning.samplers import ZOPrOSampler
+from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
+from zopro_lightning.utils.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointIOError,
+    ensure_writable,
+)
+from zopro_lightning.zo.samplers import ZOPrOSampler
 
 from .conftest import count_words_reward
 
-CHECKPOINTING = zopro_lightning.checkpointing.__file__
+CHECKPOINTING = zopro_lightning.utils.checkpointing.__file__
 
 
 @pytest.fixture(autouse=True)
@@ -321,18 +325,18 @@ def test_flipped_byte_fails_the_crc_check(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert "fails its CRC check" in zopro_lightning.checkpointing.checkpoint_problem(path)
+    assert "fails its CRC check" in zopro_lightning.utils.checkpointing.checkpoint_problem(path)
 
 
 def test_resume_sets_a_truncated_last_checkpoint_aside(tmp_path, caplog):
-    from zopro_lightning.checkpointing import resumable_checkpoint
+    from zopro_lightning.utils.checkpointing import resumable_checkpoint
 
     whole = tmp_path / "whole.ckpt"
     torch.save({"step": 3, "weights": torch.randn(2000)}, whole)
     assert resumable_checkpoint(whole) == str(whole)
     assert resumable_checkpoint(tmp_path / "absent.ckpt") is None
     last = truncated_copy(whole, tmp_path / "last.ckpt")
-    with caplog.at_level("WARNING", logger="zopro_lightning.checkpointing"):
+    with caplog.at_level("WARNING", logger="zopro_lightning.utils.checkpointing"):
         assert resumable_checkpoint(last) is None
     assert not last.exists() and (tmp_path / "last.ckpt.damaged").exists()
     assert f"{last} is damaged" in caplog.text and "moved to last.ckpt.damaged" in caplog.text
@@ -340,14 +344,14 @@ def test_resume_sets_a_truncated_last_checkpoint_aside(tmp_path, caplog):
 
 
 def test_damaged_run_state_falls_back_to_the_last_state_that_verifies(tmp_path, caplog):
-    from zopro_lightning.run_state import last_finished_iteration, load_state, save_state
+    from zopro_lightning.run.state import last_finished_iteration, load_state, save_state
 
     for t in range(3):
         save_state(tmp_path, f"iteration_{t}", {"iteration": t, "x": torch.randn(500)})
     state = tmp_path / "state"
     latest = state / "iteration_2.pt"
     truncated_copy(latest, latest, keep=0.3)
-    with caplog.at_level("WARNING", logger="zopro_lightning.checkpointing"):
+    with caplog.at_level("WARNING", logger="zopro_lightning.utils.checkpointing"):
         assert last_finished_iteration(tmp_path) == 1
     assert load_state(tmp_path, "iteration_1")["iteration"] == 1
     assert (state / "iteration_2.pt.damaged").exists() and f"{latest} is damaged" in caplog.text

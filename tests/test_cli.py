@@ -33,7 +33,7 @@ def zopro_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
-        "zopro_lightning.cli",
+        "zopro_lightning.run.cli",
         f"hydra.run.dir={run_dir}",
         *SMALL,
         *overrides,

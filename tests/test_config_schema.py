@@ -1,4 +1,4 @@
-"""zopro_lightning.config_schema: every bad option of a composed config is named, with its value
+"""zopro_lightning.run.config_schema: every bad option of a composed config is named, with its value
 and what is valid, before any work; the shipped configs pass, and their prompt lengths fit the
 context and the SFT length."""
 
@@ -10,11 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import zopro_lightning.pipeline
-from zopro_lightning.config_schema import RULES, ConfigError, Rule, validate_config
-from zopro_lightning.models import build_tiny_causal_lm
-from zopro_lightning.pipeline import run_pipeline, sft_examples_that_fit
-from zopro_lightning.tokenizer import build_word_tokenizer
+import zopro_lightning.run.pipeline
+from zopro_lightning.models.loading import build_tiny_causal_lm
+from zopro_lightning.models.tokenizer import build_word_tokenizer
+from zopro_lightning.run.config_schema import RULES, ConfigError, Rule, validate_config
+from zopro_lightning.run.pipeline import run_pipeline, sft_examples_that_fit
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_HH = (
@@ -46,7 +46,7 @@ def no_training(monkeypatch):
     def trained(*args, **kwargs):
         raise AssertionError("the pipeline was built: validation came too late")
 
-    monkeypatch.setattr(zopro_lightning.pipeline, "Pipeline", trained)
+    monkeypatch.setattr(zopro_lightning.run.pipeline, "Pipeline", trained)
 
 
 # (override, text the message must hold: option and bad value, then what is valid)

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from zopro_lightning.cli import train
+from zopro_lightning.run.cli import train
 
 from .test_cli import SMALL
 
@@ -120,7 +120,7 @@ def test_optuna_search_runs_two_trials(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "zopro_lightning.cli",
+        "zopro_lightning.run.cli",
         "hparams_search=zopro_optuna",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweep.dir={sweep}",
@@ -179,7 +179,7 @@ def test_slurm_launcher_builds_the_sbatch_script(tmp_path, monkeypatch):
     with pytest.raises(Submitted) as submitted:
         launcher.launch([["seed=1"]], initial_job_idx=0)
     executor = submitted.value.args[0]
-    script = executor._executor._make_submission_file_text("python -m zopro_lightning.cli", "0")
+    script = executor._executor._make_submission_file_text("python -m zopro_lightning.run.cli", "0")
     for line in (
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=8",

@@ -1,5 +1,5 @@
 """A quiet, informative console: `zopro-train --help`, each line of a run once, and the known
-harmless messages silenced (zopro_lightning/console.py, conf/hydra/help/zopro.yaml)."""
+harmless messages silenced (zopro_lightning/run/console.py, conf/hydra/help/zopro.yaml)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tests.test_cli import zopro_train
-from zopro_lightning.cli import CONFIG_DIR
-from zopro_lightning.console import FreshRewardHeadReport, LightningLinesOnce
+from zopro_lightning.run.cli import CONFIG_DIR
+from zopro_lightning.run.console import FreshRewardHeadReport, LightningLinesOnce
 
 HYDRA_PREFIX = re.compile(r"^\[[^\]]+\]\[[^\]]+\]\[[A-Z]+\] - ")
 
@@ -52,13 +52,13 @@ def test_lightning_lines_pass_once_and_others_always():
     assert not keep(record(device, "GPU available: False, used: False"))
     assert keep(record(device, "TPU available: False, using: 0 TPU cores"))
     assert not keep(record(device, "💡 Tip: For seamless cloud logging and experiment tracking"))
-    ours = "zopro_lightning.pipeline"
+    ours = "zopro_lightning.run.pipeline"
     assert keep(record(ours, "iteration 0")) and keep(record(ours, "iteration 0"))
 
 
 def help_text() -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "zopro_lightning.cli", "--help"],
+        [sys.executable, "-m", "zopro_lightning.run.cli", "--help"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -124,7 +124,7 @@ def test_a_run_prints_each_line_once_and_no_harmless_warning(tmp_path, monkeypat
 def test_console_filters_are_left_out_of_library_use():
     """Importing the package changes no logging or warning state; only zopro-train does."""
     code = (
-        "import logging, warnings, lightning, zopro_lightning.cli;"
+        "import logging, warnings, lightning, zopro_lightning.run.cli;"
         "ours = [f for f in warnings.filters if f[1] and 'eval mode' in f[1].pattern];"
         "print(bool(logging.getLogger('lightning').handlers), not ours)"
     )

@@ -2,7 +2,7 @@
 
 ``tests/ddp_worker.py`` runs as a user's script would: ``Trainer(strategy="ddp", devices=2)``
 re-launches it for rank 1. Every rank saves what it ended with; these tests compare the ranks.
-The single-process behaviour of :mod:`zopro_lightning.distributed` is tested here too.
+The single-process behaviour of :mod:`zopro_lightning.utils.distributed` is tested here too.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
-from zopro_lightning.distributed import agree_on_seed, cross_rank_mean, gather_objects
-from zopro_lightning.spsa import derive_seed
+from zopro_lightning.utils.distributed import agree_on_seed, cross_rank_mean, gather_objects
+from zopro_lightning.zo.spsa import derive_seed
 
 from .conftest import count_words_reward, launch_two_ranks
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from zopro_lightning import draws
-from zopro_lightning.samplers import GaussianSampler, RademacherSampler
-from zopro_lightning.spsa import spsa_step
+from zopro_lightning.zo import draws
+from zopro_lightning.zo.samplers import GaussianSampler, RademacherSampler
+from zopro_lightning.zo.spsa import spsa_step
 
 BIG = (3 * draws.CHUNK_NUMEL // 512 + 1, 512)  # four chunks, the last one short
 

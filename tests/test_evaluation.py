@@ -1,10 +1,10 @@
-"""zopro_lightning.evaluation: the paired standard error of a before/after difference."""
+"""zopro_lightning.run.evaluation: the paired standard error of a before/after difference."""
 
 import math
 
 import torch
 
-from zopro_lightning.evaluation import paired_difference_stderr
+from zopro_lightning.run.evaluation import paired_difference_stderr
 
 
 def test_paired_stderr_is_the_stderr_of_the_per_prompt_differences():

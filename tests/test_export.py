@@ -1,5 +1,5 @@
 """The trained policy as a model: RUN_DIR/policy, RUN_DIR/policy_adapter, the card, the push
-option and zopro-generate (zopro_lightning/export.py, zopro_lightning/generate.py)."""
+option and zopro-generate (zopro_lightning/run/export.py, zopro_lightning/run/generate.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from tests.test_cli import zopro_train
-from zopro_lightning.cli import CONFIG_DIR
-from zopro_lightning.export import check_export_config, export_policy
-from zopro_lightning.generate import main as zopro_generate
-from zopro_lightning.models import add_lora, build_tiny_causal_lm
+from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
+from zopro_lightning.run.cli import CONFIG_DIR
+from zopro_lightning.run.export import check_export_config, export_policy
+from zopro_lightning.run.generate import main as zopro_generate
 
 SUMMARY = {
     "task": "sentiment",
@@ -53,7 +53,7 @@ def run_dir(tmp_path, tokenizer):
 @pytest.fixture
 def trained(run_dir, tokenizer):
     """A LoRA policy over RUN_DIR/sft whose adapter moved away from its start."""
-    from zopro_lightning.models import load_causal_lm
+    from zopro_lightning.models.loading import load_causal_lm
 
     policy = add_lora(load_causal_lm(run_dir / "sft"), r=4, alpha=8)
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_only_rank_zero_writes(run_dir, trained, tokenizer):
 def test_a_policy_without_lora_is_saved_as_it_is(run_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from zopro_lightning.models import load_causal_lm
+    from zopro_lightning.models.loading import load_causal_lm
 
     policy = load_causal_lm(run_dir / "sft")
     export_policy(policy, tokenizer, config(), SUMMARY, run_dir)
@@ -145,7 +145,7 @@ def test_a_policy_without_lora_is_saved_as_it_is(run_dir, tokenizer):
 def test_push_to_hub_goes_to_the_configured_repository(run_dir, trained, tokenizer, monkeypatch):
     pushed = []
     monkeypatch.setattr(
-        "zopro_lightning.export.push_to_hub",
+        "zopro_lightning.run.export.push_to_hub",
         lambda model, tok, directory, repo_id: pushed.append((directory, repo_id)),
     )
     cfg = config("export.push_to_hub=true", "export.hub_repo_id=me/zopro-policy")
@@ -202,7 +202,8 @@ def test_zopro_train_ends_with_a_policy_that_zopro_generate_samples(tmp_path):
     assert "| schedule | first_order_then_zeroth_order |" in card
     assert f"{run / 'policy'}" in result.stdout  # the printed summary names it
     generate = subprocess.run(
-        [sys.executable, "-m", "zopro_lightning.generate", str(run), "the movie", "--seed", "3"],
+        [sys.executable, "-m", "zopro_lightning.run.generate", str(run), "the movie",
+         "--seed", "3"],
         capture_output=True,
         text=True,
         timeout=300,

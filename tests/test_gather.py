@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from zopro_lightning.gather import by_configuration, gather, main, shared_overrides
+from zopro_lightning.run.gather import by_configuration, gather, main, shared_overrides
 
 
 def fake_run(root, name, overrides, **summary):

@@ -20,8 +20,8 @@ from zopro_lightning.callbacks.interplay import (
     snapshot_updates,
 )
 from zopro_lightning.interplay import analyse, load_run
-from zopro_lightning.models import add_lora
-from zopro_lightning.samplers import GaussianSampler, ZOPrOSampler, canonical_name
+from zopro_lightning.models.loading import add_lora
+from zopro_lightning.zo.samplers import GaussianSampler, ZOPrOSampler, canonical_name
 
 from .conftest import count_words_reward
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from zopro_lightning.judges import (
+from zopro_lightning.reward.judges import (
     FileJudge,
     LLMJudge,
     PairwiseJudge,

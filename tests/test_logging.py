@@ -19,9 +19,9 @@ from omegaconf import open_dict
 from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.run_progress import PHASES, RunProgress
-from zopro_lightning.loggers import STEP_METRIC, instantiate_loggers, logger_nodes
-from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.pipeline import run_pipeline
+from zopro_lightning.policy.module import ZOPrOModule
+from zopro_lightning.run.loggers import STEP_METRIC, instantiate_loggers, logger_nodes
+from zopro_lightning.run.pipeline import run_pipeline
 
 from .conftest import count_words_reward
 from .test_cli import SMALL, zopro_train

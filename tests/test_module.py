@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
-from zopro_lightning.rewards import RewardError
-from zopro_lightning.samplers import ZOPrOSampler
+from zopro_lightning.reward.callables import RewardError
+from zopro_lightning.zo.samplers import ZOPrOSampler
 
 from .conftest import count_words_reward
 
@@ -147,7 +147,7 @@ def test_bad_hyperparameters_are_refused(lora_policy, tokenizer):
 
 
 def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
-    from zopro_lightning.models import build_tiny_causal_lm
+    from zopro_lightning.models.loading import build_tiny_causal_lm
 
     model = build_tiny_causal_lm(
         tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32

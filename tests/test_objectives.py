@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from zopro_lightning.objectives import clipped_surrogate, rlhf_rewards, rloo_advantages
+from zopro_lightning.rl.objectives import clipped_surrogate, rlhf_rewards, rloo_advantages
 
 
 def test_rloo_hand_computed():
@@ -53,7 +53,7 @@ def test_clipped_surrogate_hand_computed():
 
 
 def test_scale_to_unit_std_keeps_zeros_and_signs():
-    from zopro_lightning.objectives import scale_to_unit_std
+    from zopro_lightning.rl.objectives import scale_to_unit_std
 
     scaled = scale_to_unit_std(torch.tensor([4.0, 0.0, -4.0, 0.0]))
     assert float(scaled.std()) == pytest.approx(1.0)

@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
-from zopro_lightning.optim import ZerothOrderOptimizer, inner_seed
-from zopro_lightning.samplers import GaussianSampler
-from zopro_lightning.spsa import derive_seed, tensor_generator
+from zopro_lightning.zo.optim import ZerothOrderOptimizer, inner_seed
+from zopro_lightning.zo.samplers import GaussianSampler
+from zopro_lightning.zo.spsa import derive_seed, tensor_generator
 
 from .conftest import count_words_reward
 

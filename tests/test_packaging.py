@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import SMALL
-from zopro_lightning.cli import CONFIG_DIR
+from zopro_lightning.run.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -28,7 +28,7 @@ def user_config_dir(root: Path) -> Path:
     that builds on ours through the search path."""
     (root / "sampler").mkdir(parents=True)
     (root / "sampler" / "my.yaml").write_text(
-        "name: my\nsampler:\n  _target_: zopro_lightning.samplers.RademacherSampler\n"
+        "name: my\nsampler:\n  _target_: zopro_lightning.zo.samplers.RademacherSampler\n"
     )
     (root / "my_experiment.yaml").write_text(
         "defaults:\n  - config\n  - override sampler: my\n  - _self_\n\n"
@@ -55,8 +55,8 @@ def test_every_subpackage_ships_with_the_configs():
 
 def test_console_scripts():
     scripts = pyproject()["project"]["scripts"]
-    assert scripts["zopro-train"] == "zopro_lightning.cli:train"
-    assert scripts["zopro-generate"] == "zopro_lightning.generate:main"
+    assert scripts["zopro-train"] == "zopro_lightning.run.cli:train"
+    assert scripts["zopro-generate"] == "zopro_lightning.run.generate:main"
 
 
 def test_an_editable_install_reads_the_repositorys_conf():
@@ -74,9 +74,9 @@ def test_an_editable_install_reads_the_repositorys_conf():
 def test_a_users_config_directory_extends_ours(tmp_path, how):
     user = user_config_dir(tmp_path / "my_conf")
     args = [arg.format(user=user) for arg in how]
-    result = run([sys.executable, "-m", "zopro_lightning.cli", *args, "--cfg", "job"], tmp_path)
+    result = run([sys.executable, "-m", "zopro_lightning.run.cli", *args, "--cfg", "job"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "zopro_lightning.samplers.RademacherSampler" in result.stdout
+    assert "zopro_lightning.zo.samplers.RademacherSampler" in result.stdout
     assert "name: my" in result.stdout
     assert "dataset:" in result.stdout and "policy:" in result.stdout  # ours still composed
     if "my_experiment" in args:
@@ -113,7 +113,7 @@ def test_the_wheel_runs_from_an_empty_directory(tmp_path):
     python = [sys.executable]
 
     where = run(
-        [*python, "-c", "import zopro_lightning.cli as c; print(c.__file__, c.CONFIG_DIR)"],
+        [*python, "-c", "import zopro_lightning.run.cli as c; print(c.__file__, c.CONFIG_DIR)"],
         empty,
         env,
     )
@@ -124,7 +124,7 @@ def test_the_wheel_runs_from_an_empty_directory(tmp_path):
         and Path(config_dir) == site / "zopro_lightning" / "conf"
     )
 
-    job = run([*python, "-m", "zopro_lightning.cli", "--cfg", "job"], empty, env)
+    job = run([*python, "-m", "zopro_lightning.run.cli", "--cfg", "job"], empty, env)
     assert job.returncode == 0, job.stderr[-3000:]
     assert "sampler:" in job.stdout and "ZOPrOSampler" in job.stdout
 
@@ -133,7 +133,7 @@ def test_the_wheel_runs_from_an_empty_directory(tmp_path):
         [
             *python,
             "-m",
-            "zopro_lightning.cli",
+            "zopro_lightning.run.cli",
             "--config-dir",
             str(user),
             "sampler=my",
@@ -151,7 +151,7 @@ def test_the_wheel_runs_from_an_empty_directory(tmp_path):
         [
             *python,
             "-m",
-            "zopro_lightning.cli",
+            "zopro_lightning.run.cli",
             f"hydra.run.dir={run_dir}",
             *SMALL,
             "loop.iterations=1",

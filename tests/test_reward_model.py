@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from zopro_lightning.evaluation import pairwise_accuracy
-from zopro_lightning.reward_model import PairCollator, RewardModelModule
-from zopro_lightning.rewards import HFRewardModel
+from zopro_lightning.reward.callables import HFRewardModel
+from zopro_lightning.reward.training import PairCollator, RewardModelModule
+from zopro_lightning.run.evaluation import pairwise_accuracy
 
 from .conftest import tiny_reward_model
 

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from zopro_lightning.models import build_tiny_causal_lm, load_sequence_classifier
-from zopro_lightning.rewards import (
+from zopro_lightning.models.loading import build_tiny_causal_lm, load_sequence_classifier
+from zopro_lightning.models.tokenizer import build_word_tokenizer
+from zopro_lightning.reward.callables import (
     HFRewardModel,
     RewardError,
     VaderSentimentReward,
     score_completions,
 )
-from zopro_lightning.tokenizer import build_word_tokenizer
 
 
 def test_vader_gold_reward_orders_sentiment():
@@ -53,13 +53,13 @@ def test_reward_boundary_names_the_reward_and_what_it_returned():
 
 
 def test_non_finite_rewards_are_counted_and_warned_about_rate_limited(caplog):
-    from zopro_lightning.rewards import NonFiniteRewards
+    from zopro_lightning.reward.callables import NonFiniteRewards
 
     counter = NonFiniteRewards()
     clean = torch.tensor([1.0, 2.0])
     bad = torch.tensor([float("inf"), 0.5, float("nan"), -float("inf")])
     warned_at = []
-    with caplog.at_level("WARNING", logger="zopro_lightning.rewards"):
+    with caplog.at_level("WARNING", logger="zopro_lightning.reward.callables"):
         for update in range(12):
             caplog.clear()
             rewards = [bad, clean] if update % 2 else [clean]  # odd updates have 3 bad values
@@ -71,7 +71,7 @@ def test_non_finite_rewards_are_counted_and_warned_about_rate_limited(caplog):
     # the 1st, 2nd and 4th update with non-finite rewards warn; the others are counted only
     assert warned_at == [1, 3, 7]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="zopro_lightning.rewards"):
+    with caplog.at_level("WARNING", logger="zopro_lightning.reward.callables"):
         NonFiniteRewards().record([bad], 9)
     assert "update 9: 3 of 4 rewards were not finite (1 NaN, 1 +inf, 1 -inf)" in caplog.text
 
@@ -98,12 +98,16 @@ def test_an_infinite_reward_in_training_is_left_out_counted_and_logged(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    with caplog.at_level("WARNING", logger="zopro_lightning.rewards"):
+    with caplog.at_level("WARNING", logger="zopro_lightning.reward.callables"):
         trainer.fit(module, DataLoader(small_task.train_prompts[:6], batch_size=2, collate_fn=list))
     assert module.nonfinite_rewards.total == 3 and module.skipped_steps == 0
     logged = trainer.logged_metrics
     assert logged["policy/nonfinite_rewards"] == 1 and logged["policy/nonfinite_rewards_total"] == 3
-    ours = [r.getMessage()[:8] for r in caplog.records if r.name == "zopro_lightning.rewards"]
+    ours = [
+        r.getMessage()[:8]
+        for r in caplog.records
+        if r.name == "zopro_lightning.reward.callables"
+    ]
     assert ours == ["update 0", "update 1"]
     assert all(torch.isfinite(p).all() for p in lora_policy.parameters())
     assert torch.isfinite(module.last_rollout.advantages).all()

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.rollout import check_context_length, context_length, decode_completions
+from zopro_lightning.policy.module import ZOPrOModule
+from zopro_lightning.rl.rollout import check_context_length, context_length, decode_completions
 
 from .conftest import count_words_reward
 
@@ -90,7 +90,7 @@ def test_context_check_skips_models_without_a_position_limit():
 def test_completion_logprobs_match_a_token_by_token_computation(lora_policy, tokenizer, small_task):
     """The sequence log-prob (LM head over the completion positions only) equals the sum of
     tempered token log-probs computed from the full logits, one position at a time."""
-    from zopro_lightning.rollout import completion_logprobs, position_ids_from_mask
+    from zopro_lightning.rl.rollout import completion_logprobs, position_ids_from_mask
 
     module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
     rollout = module.rollout(small_task.train_prompts[:3])

@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from zopro_lightning.samplers import (
+from zopro_lightning.zo.samplers import (
     GaussianSampler,
     PerturbationSampler,
     RademacherSampler,
     ZOPrOSampler,
     canonical_name,
 )
-from zopro_lightning.spsa import tensor_generator
+from zopro_lightning.zo.spsa import tensor_generator
 
 NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
 

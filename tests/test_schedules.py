@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.test_cli import SMALL as CLI_SMALL
-from zopro_lightning.pipeline import Pipeline, iteration_optimizer, run_pipeline
+from zopro_lightning.run.pipeline import Pipeline, iteration_optimizer, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 #: test_cli's small run, with a first-order iteration 0 of its own length, no checkpoints,
@@ -73,7 +73,7 @@ def test_zeroth_order_phase_takes_the_samplers_own_lr_eps_and_schedule(tmp_path)
         "policy.lr_schedule=constant",
     )
     pipeline = Pipeline(cfg, tmp_path)
-    from zopro_lightning.module import ZOPrOModule
+    from zopro_lightning.policy.module import ZOPrOModule
 
     class Stub(ZOPrOModule):
         def __init__(self):  # only what set_optimizer touches

@@ -21,7 +21,7 @@ from zopro_lightning.data.sentiment import (
     vader_compound,
     vader_lexicon,
 )
-from zopro_lightning.tokenizer import build_word_tokenizer
+from zopro_lightning.models.tokenizer import build_word_tokenizer
 
 SMALL = dict(n_train_prompts=64, n_eval_prompts=16, n_sft=200, n_train_pairs=100, n_eval_pairs=30)
 

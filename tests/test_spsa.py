@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from zopro_lightning.samplers import GaussianSampler
-from zopro_lightning.spsa import derive_seed, spsa_step, tensor_generator
+from zopro_lightning.zo.samplers import GaussianSampler
+from zopro_lightning.zo.spsa import derive_seed, spsa_step, tensor_generator
 
 
 def quadratic_problem():
@@ -183,8 +183,8 @@ def regenerated(sampler, seed: int, j: int, params: dict) -> dict[str, torch.Ten
 def test_projected_grads_match_autograd_on_the_clipped_surrogate(lora_policy):
     """``g_j = (L+ - L-) / 2 eps`` against autograd's ``z_j . grad L`` for the real loss (tiny
     LoRA Llama in float64, completion log-probs, clipped surrogate with some rows clipped)."""
-    from zopro_lightning.objectives import clipped_surrogate
-    from zopro_lightning.rollout import completion_logprobs
+    from zopro_lightning.rl.objectives import clipped_surrogate
+    from zopro_lightning.rl.rollout import completion_logprobs
 
     policy = lora_policy.double().eval()
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
@@ -392,7 +392,7 @@ def test_bad_max_abs_grad_is_refused(bound):
 
 
 def test_all_finite_is_exact_when_the_sum_overflows():
-    from zopro_lightning.spsa import all_finite
+    from zopro_lightning.zo.spsa import all_finite
 
     big = torch.full((4,), 3e38)  # finite values whose float32 sum is inf
     assert all_finite(big) and all_finite(torch.zeros(0))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from zopro_lightning.data.tasks import PreferenceTask, build_preference_task
-from zopro_lightning.tokenizer import build_word_tokenizer
+from zopro_lightning.models.tokenizer import build_word_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -23,8 +23,8 @@ from zopro_lightning.callbacks.completion_table import (
     CompletionTable,
     completion_rows,
 )
-from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.rollout import Rollout
+from zopro_lightning.policy.module import ZOPrOModule
+from zopro_lightning.rl.rollout import Rollout
 
 from .conftest import count_words_reward
 

@@ -10,13 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ZOPrOModule": "zopro_lightning.module",
-    "ZerothOrderOptimizer": "zopro_lightning.optim",
-    "HFRewardModel": "zopro_lightning.rewards",
-    "VaderSentimentReward": "zopro_lightning.rewards",
-    "GaussianSampler": "zopro_lightning.samplers",
-    "RademacherSampler": "zopro_lightning.samplers",
-    "ZOPrOSampler": "zopro_lightning.samplers",
+    "ZOPrOModule": "zopro_lightning.policy.module",
+    "ZerothOrderOptimizer": "zopro_lightning.zo.optim",
+    "HFRewardModel": "zopro_lightning.reward.callables",
+    "VaderSentimentReward": "zopro_lightning.reward.callables",
+    "GaussianSampler": "zopro_lightning.zo.samplers",
+    "RademacherSampler": "zopro_lightning.zo.samplers",
+    "ZOPrOSampler": "zopro_lightning.zo.samplers",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from zopro_lightning.callbacks.run_progress import RunProgress
-from zopro_lightning.rollout import Rollout
+from zopro_lightning.rl.rollout import Rollout
 
 COLUMNS = ["step", "prompt", "completion", "reward"]
 
@@ -29,7 +29,7 @@ def completion_rows(rollout: Rollout, step: int, max_rows: int | None) -> list[l
 
 class CompletionTable(Callback):
     """Every ``every_n_updates`` policy updates, logs the module's ``last_rollout`` (a
-    :class:`~zopro_lightning.rollout.Rollout`) as a W&B table ``key`` with the columns
+    :class:`~zopro_lightning.rl.rollout.Rollout`) as a W&B table ``key`` with the columns
     ``step`` (policy updates so far), ``prompt``, ``completion`` and ``reward``, through each
     :class:`~lightning.pytorch.loggers.WandbLogger` of the trainer (``log_table``; rank zero
     only). With no W&B logger, or on a module without rollouts (SFT, the reward model), it does

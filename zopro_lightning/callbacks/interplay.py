@@ -9,7 +9,7 @@
   update ``v`` that the sampler builds its directions from.
 
 Both work with any ``ZOPrOModule`` in a plain ``lightning.Trainer``. Tensors are named with
-:func:`~zopro_lightning.samplers.canonical_name`, so policy and reward tensors of the same
+:func:`~zopro_lightning.zo.samplers.canonical_name`, so policy and reward tensors of the same
 LoRA layout share names.
 """
 
@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from zopro_lightning.interplay.snapshots import SnapshotWriter
-from zopro_lightning.samplers import PerturbationSampler, canonical_name
+from zopro_lightning.zo.samplers import PerturbationSampler, canonical_name
 
 
 def canonical_trainable(model: nn.Module) -> dict[str, Tensor]:

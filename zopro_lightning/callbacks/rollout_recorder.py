@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
-from zopro_lightning.distributed import gather_per_rank
+from zopro_lightning.utils.distributed import gather_per_rank
 
 log = logging.getLogger(__name__)
 

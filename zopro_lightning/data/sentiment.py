@@ -9,7 +9,7 @@ A small generative grammar writes the beginnings of restaurant, product and movi
 The gold reward is VADER's compound sentiment score of the completion (in [-1, 1]), so the
 whole preference pipeline (SFT -> reward model -> zeroth-order policy learning -> refinement
 with a gold judge) runs offline in seconds on a CPU with a tiny model and the word-level
-tokenizer of :mod:`zopro_lightning.tokenizer`.
+tokenizer of :mod:`zopro_lightning.models.tokenizer`.
 
 Why it is built this way:
 

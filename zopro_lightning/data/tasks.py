@@ -100,13 +100,13 @@ class PreferenceTask:
 
 class _WordCounter:
     """Stands in for a tokenizer when none is given: counts the tokens the tiny model's word
-    tokenizer (:func:`~zopro_lightning.tokenizer.build_word_tokenizer`) will make of a text
+    tokenizer (:func:`~zopro_lightning.models.tokenizer.build_word_tokenizer`) will make of a text
     (whitespace-separated words, each punctuation mark its own token), with character
     offsets, so left truncation cuts at token boundaries and a bound in tokens is one the
     tiny model's context can check."""
 
     def __init__(self) -> None:
-        from zopro_lightning.tokenizer import word_pre_tokenizer
+        from zopro_lightning.models.tokenizer import word_pre_tokenizer
 
         self._split = word_pre_tokenizer()
 

@@ -6,7 +6,7 @@ with its own tokenizer, by hub name or local path (DESIGN.md §2.5).
 - :func:`resolve_backbone`: ``"minilm"`` -> that checkpoint; a sentence-transformers folder
   (``modules.json``) -> the sub-folder holding its transformers model.
 - :func:`load_reward_backbone`: classifier + tokenizer (+ optional LoRA) as an
-  :class:`~zopro_lightning.rewards.HFRewardModel`.
+  :class:`~zopro_lightning.reward.callables.HFRewardModel`.
 
 Encoders (a tokenizer with a ``[CLS]``-style token, e.g. BERT/MiniLM) are wrapped in
 :class:`EncoderRewardModel`, which encodes ``(prompt, completion)`` as a text pair *with* the
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zopro_lightning.models import add_lora, resolve_dtype
-from zopro_lightning.rewards import HFRewardModel
+from zopro_lightning.models.loading import add_lora, resolve_dtype
+from zopro_lightning.reward.callables import HFRewardModel
 
 __all__ = [
     "MINILM_ALIASES",
@@ -168,8 +168,8 @@ def load_reward_backbone(
             (the bundled all-MiniLM-L6-v2). A base model (``BertModel``, a causal LM) gets a
             fresh ``num_labels``-output head.
         num_labels: outputs of the head; the reward is the first.
-        lora: keyword arguments of :func:`~zopro_lightning.models.add_lora` (``r``, ``alpha``,
-            ``target_modules``, ...; task ``SEQ_CLS``, so the head stays trainable). For BERT,
+        lora: keyword arguments of :func:`~zopro_lightning.models.loading.add_lora` (``r``,
+            ``alpha``, ``target_modules``, ...; task ``SEQ_CLS``, so the head stays trainable). For BERT,
             RoBERTa, DeBERTa-v2 and DistilBERT the target modules default to the attention and
             dense layers. ``None``: every parameter is trainable.
         dtype: ``"float32"``, ``"bf16"``, ... or ``None`` (the checkpoint's).

@@ -10,7 +10,7 @@ Any callable of that shape works as the policy's reward. Provided here:
 :func:`score_completions` is the boundary every reward goes through: it turns a reward that
 raises, returns the wrong shape or returns only non-finite values into an error that names the
 reward and what it returned. Some non-finite values among finite ones pass (they are left out
-of the advantages, :func:`~zopro_lightning.objectives.rloo_advantages`);
+of the advantages, :func:`~zopro_lightning.rl.objectives.rloo_advantages`);
 :class:`NonFiniteRewards` counts them and warns, rate-limited.
 """
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from zopro_lightning.rewards import RewardFn, score_completions
-from zopro_lightning.rollout import RolloutConfig, decode_completions, generate_completions
+from zopro_lightning.reward.callables import RewardFn, score_completions
+from zopro_lightning.rl.rollout import RolloutConfig, decode_completions, generate_completions
 
 
 @torch.no_grad()

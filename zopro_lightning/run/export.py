@@ -78,7 +78,7 @@ def merged_policy(adapter_dir: Path, base: Path, dtype: Any) -> Any:
     """The adapter of ``adapter_dir`` merged into a fresh copy of its base, on the CPU."""
     from peft import PeftModel
 
-    from zopro_lightning.models import load_causal_lm
+    from zopro_lightning.models.loading import load_causal_lm
 
     model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(adapter_dir))
     return model.merge_and_unload()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from zopro_lightning.rollout import decode_completions, generate_completions
+from zopro_lightning.rl.rollout import decode_completions, generate_completions
 
 Judge = Callable[[list[str], list[str], list[str]], Tensor]
 

@@ -1,8 +1,8 @@
 """``zopro-generate RUN_DIR "prompt"``: sample completions from a run's trained policy.
 
 Loads ``RUN_DIR/policy`` (written at the end of ``zopro-train``, see
-:mod:`zopro_lightning.export`) with ``AutoModelForCausalLM.from_pretrained`` and samples as
-training did (:func:`zopro_lightning.rollout.generate_completions`: temperature, no top-k or
+:mod:`zopro_lightning.run.export`) with ``AutoModelForCausalLM.from_pretrained`` and samples as
+training did (:func:`zopro_lightning.rl.rollout.generate_completions`: temperature, no top-k or
 top-p). The prompt is the text the policy continues; ``--chat`` first wraps it as one user
 turn in the tokenizer's chat template (as the chat datasets format their prompts).
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zopro_lightning.export import POLICY
+from zopro_lightning.run.export import POLICY
 
 
 def policy_dir(run_dir: str | Path) -> Path:
@@ -61,8 +61,8 @@ def generate(
     """``num_samples`` completions of ``prompt`` by the policy of ``run_dir``."""
     import torch
 
-    from zopro_lightning.models import load_causal_lm, load_tokenizer
-    from zopro_lightning.rollout import RolloutConfig, decode_completions, generate_completions
+    from zopro_lightning.models.loading import load_causal_lm, load_tokenizer
+    from zopro_lightning.rl.rollout import RolloutConfig, decode_completions, generate_completions
 
     directory = policy_dir(run_dir)
     tokenizer = load_tokenizer(directory)

@@ -34,16 +34,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from zopro_lightning.checkpointing import (
-    fingerprint_differences,
-    model_class_name,
-    model_fingerprint,
-)
-from zopro_lightning.distributed import agree_on_seed, cross_rank_mean, ddp_wrapper
-from zopro_lightning.objectives import clipped_surrogate
-from zopro_lightning.optim import UPDATE_RULES, ZerothOrderOptimizer
-from zopro_lightning.rewards import NonFiniteRewards, RewardFn
-from zopro_lightning.rollout import (
+from zopro_lightning.reward.callables import NonFiniteRewards, RewardFn
+from zopro_lightning.rl.objectives import clipped_surrogate
+from zopro_lightning.rl.rollout import (
     Rollout,
     RolloutConfig,
     collect_rollout,
@@ -51,8 +44,15 @@ from zopro_lightning.rollout import (
     decode_completions,
     generate_completions,
 )
-from zopro_lightning.samplers import GaussianSampler, PerturbationSampler
-from zopro_lightning.spsa import derive_seed
+from zopro_lightning.utils.checkpointing import (
+    fingerprint_differences,
+    model_class_name,
+    model_fingerprint,
+)
+from zopro_lightning.utils.distributed import agree_on_seed, cross_rank_mean, ddp_wrapper
+from zopro_lightning.zo.optim import UPDATE_RULES, ZerothOrderOptimizer
+from zopro_lightning.zo.samplers import GaussianSampler, PerturbationSampler
+from zopro_lightning.zo.spsa import derive_seed
 
 OptimizerMode = Literal["zeroth_order", "first_order"]
 
@@ -116,7 +116,7 @@ class ZOPrOModule(LightningModule):
             model (LoRA), arithmetic otherwise (full-parameter: keeps inference-level memory).
         cache_directions: keep ``z`` during a step instead of regenerating it (same numbers).
         zo_rule: the zeroth-order update rule, ``"sgd"`` (MeZO), ``"momentum"`` or ``"adam"``
-            (:mod:`zopro_lightning.optim`; momentum adds one, Adam two trainable-sized buffers).
+            (:mod:`zopro_lightning.zo.optim`; momentum adds one, Adam two trainable-sized buffers).
         zo_betas: momentum's ``beta`` (first value) or Adam's ``(b1, b2)``.
         zo_steps_per_update: SPSA steps per policy update, each with its own directions, all on
             the update's rollouts (the clipped ratio keeps later steps near ``pi_old``).
@@ -378,7 +378,7 @@ class ZOPrOModule(LightningModule):
         re-broadcasting them is pure traffic; without it the step's only collective is the
         all-reduce of the step scalars. The reducer still holds its gradient buckets (the size
         of the trainable set): negligible with LoRA; for full-parameter training use
-        :class:`~zopro_lightning.distributed.ZerothOrderDDPStrategy`, which builds no wrapper.
+        :class:`~zopro_lightning.utils.distributed.ZerothOrderDDPStrategy`, which builds no wrapper.
         """
         ddp = ddp_wrapper(self.trainer)
         if ddp is not None:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from zopro_lightning.objectives import (
+from zopro_lightning.reward.callables import RewardFn, score_completions
+from zopro_lightning.rl.objectives import (
     rlhf_rewards,
     rloo_advantages,
     scale_to_unit_std,
     sequence_kl,
 )
-from zopro_lightning.rewards import RewardFn, score_completions
 
 
 @dataclass

@@ -210,7 +210,7 @@ class LLMJudge:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from zopro_lightning.models import resolve_dtype
+        from zopro_lightning.models.loading import resolve_dtype
 
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code

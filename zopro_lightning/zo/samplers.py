@@ -16,7 +16,8 @@ values the coming step uses, for logging), ``state_dict`` and ``load_state_dict`
 the protocol and never ask for a sampler's class. A sampler whose coordinates are i.i.d.
 standard draws may also carry ``fill(out, generator)`` (Gaussian and Rademacher do): the SPSA
 step then adds ``alpha * z`` chunk by chunk on all CPU threads without holding ``z`` whole
-(:mod:`zopro_lightning.draws`); ``sample`` must then equal ``draws.draw(param, generator, fill)``.
+(:mod:`zopro_lightning.zo.draws`); ``sample`` must then equal
+``draws.draw(param, generator, fill)``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from zopro_lightning import draws
+from zopro_lightning.zo import draws
 
 DecaySchedule = Literal["linear", "exp", "constant"]
 
@@ -126,7 +127,7 @@ class GaussianSampler:
     """Isotropic Gaussian directions, ``z ~ N(0, I)`` (MeZO). Stateless."""
 
     #: i.i.d. coordinates: the SPSA step may draw ``z`` chunk by chunk with this fill
-    #: (:func:`zopro_lightning.draws.add_draw_tasks`) instead of calling ``sample``.
+    #: (:func:`zopro_lightning.zo.draws.add_draw_tasks`) instead of calling ``sample``.
     fill = staticmethod(draws.normal_fill)
 
     def sample(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:

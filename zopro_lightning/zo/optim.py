@@ -24,7 +24,7 @@ two-forward estimates. Each SPSA step estimates ``g_hat = mean_j g_j z_j`` and a
 Buffers take the trainable weights' dtype (4 B a value each for fp32 LoRA adapters; 2 B for
 bf16 weights, where Adam's second moment is coarse: keep trainable weights in fp32 for it).
 
-Guards (:mod:`zopro_lightning.spsa`): a step with a non-finite ``g_j``, a non-finite ``lr`` or
+Guards (:mod:`zopro_lightning.zo.spsa`): a step with a non-finite ``g_j``, a non-finite ``lr`` or
 an update that leaves a non-finite weight or moment is skipped and counted in
 ``skipped_steps``; ``theta`` and the moments are left as they were (bit for bit with
 ``exact_restore=True``: the moments of the step are copied first, as ``theta`` is).
@@ -39,8 +39,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from zopro_lightning.samplers import PerturbationSampler
-from zopro_lightning.spsa import (
+from zopro_lightning.zo.samplers import PerturbationSampler
+from zopro_lightning.zo.spsa import (
     GradientFn,
     LossFn,
     ReduceFn,
@@ -65,7 +65,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     """Forward-only SPSA optimizer over named parameters.
 
     ``step(loss_fn=..., seed=...)`` runs ``steps_per_update`` times
-    :func:`zopro_lightning.spsa.spsa_step` with the group's current ``lr``, ``eps`` and
+    :func:`zopro_lightning.zo.spsa.spsa_step` with the group's current ``lr``, ``eps`` and
     ``weight_decay`` and the update ``rule``. The ``closure`` argument that Lightning passes is
     called once (it runs Lightning's hooks), never differentiated.
 
@@ -74,14 +74,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         sampler: the direction sampler (``ZOPrOModule`` checkpoints its state); stepped once per
             update.
         lr, eps, weight_decay, num_perturbations, exact_restore, cache_directions: see
-            :func:`~zopro_lightning.spsa.spsa_step`.
+            :func:`~zopro_lightning.zo.spsa.spsa_step`.
         reduce_fn: cross-rank mean of the step's scalars (``None`` on one process).
         rule: ``"sgd"``, ``"momentum"`` or ``"adam"`` (module docstring).
         betas: momentum ``beta`` (first value) or Adam's ``(b1, b2)``.
         adam_eps: Adam's denominator guard.
         steps_per_update: SPSA steps per ``step`` call, each with its own directions.
         max_abs_grad: bound on each ``|g_j|`` (``None``: off); see
-            :func:`~zopro_lightning.spsa.spsa_step`.
+            :func:`~zopro_lightning.zo.spsa.spsa_step`.
     """
 
     def __init__(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from zopro_lightning.checkpointing import checkpoint_problem, set_aside
+from zopro_lightning.utils.checkpointing import checkpoint_problem, set_aside
 
 STATE_DIR = "state"
 RUN_CONFIG = "run_config.yaml"

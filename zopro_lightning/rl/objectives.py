@@ -42,7 +42,7 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
     Non-finite rewards (NaN, +inf or -inf) are left out: the baseline averages the finite
     rewards of the other members, the left-out completion gets advantage 0 (it does not move
     the policy), and a group with fewer than two finite rewards gets advantages 0. The module
-    counts them and warns (:class:`zopro_lightning.rewards.NonFiniteRewards`).
+    counts them and warns (:class:`zopro_lightning.reward.callables.NonFiniteRewards`).
 
     Why ±inf is left out rather than clamped: an infinite score has no magnitude to keep, so
     any finite stand-in (the batch's largest reward, a constant) is invented. Clamped to the

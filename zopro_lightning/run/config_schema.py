@@ -34,7 +34,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zopro_lightning.models import local_context_length, looks_local, model_directory_problem
+from zopro_lightning.models.loading import (
+    local_context_length,
+    looks_local,
+    model_directory_problem,
+)
 
 __all__ = ["CHOICES", "RULES", "ConfigError", "Rule", "validate_config"]
 

@@ -280,7 +280,7 @@ class ModelSpec:
 
     def tokenizer(self, corpus: Sequence[str] = ()):
         if self.tokenizer_name is None:
-            from zopro_lightning.tokenizer import build_word_tokenizer
+            from zopro_lightning.models.tokenizer import build_word_tokenizer
 
             return build_word_tokenizer(corpus)
         return load_tokenizer(self.tokenizer_name, self.trust_remote_code)

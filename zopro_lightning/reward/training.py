@@ -6,8 +6,8 @@ scores (DESIGN.md §2.5).
 - scores ``{prompt, completion, score}``: ``loss = (r(x, y) - s)^2``; held-out Pearson and
   Spearman correlations (torchmetrics).
 
-Texts are encoded by :class:`~zopro_lightning.rewards.HFRewardModel.encode`, the same code that
-scores completions during policy learning.
+Texts are encoded by :class:`~zopro_lightning.reward.callables.HFRewardModel.encode`, the same
+code that scores completions during policy learning.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torchmetrics
 from lightning import LightningModule
 from torch import Tensor
 
-from zopro_lightning.rewards import HFRewardModel
+from zopro_lightning.reward.callables import HFRewardModel
 
 RewardLoss = Literal["bradley_terry", "mse"]
 

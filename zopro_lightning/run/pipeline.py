@@ -53,41 +53,45 @@ from torch.utils.data import DataLoader
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.callbacks.run_progress import RunProgress
-from zopro_lightning.checkpointing import AtomicCheckpointIO, ensure_writable, resumable_checkpoint
-from zopro_lightning.config_schema import validate_config
 from zopro_lightning.data.resumable import ResumableDataLoader
-from zopro_lightning.distributed import gather_objects, is_multi_process
-from zopro_lightning.evaluation import (
+from zopro_lightning.models.loading import (
+    load_sequence_classifier,
+    state_difference,
+    trainable_state,
+)
+from zopro_lightning.policy.module import ZOPrOModule
+from zopro_lightning.reward.callables import HFRewardModel
+from zopro_lightning.reward.refinement import ReadablePromptJudge, judged_pairs, keep_close_merge
+from zopro_lightning.reward.training import PairCollator, RewardModelModule, ScoreCollator
+from zopro_lightning.run.config_schema import validate_config
+from zopro_lightning.run.evaluation import (
     paired_difference_stderr,
     pairwise_accuracy,
     prompt_mean_rewards,
     score_correlations,
 )
-from zopro_lightning.loggers import (
+from zopro_lightning.run.loggers import (
     finish_loggers,
     instantiate_loggers,
     log_summary,
     start_loggers,
 )
-from zopro_lightning.memory import peak_rss_mb
-from zopro_lightning.models import (
-    load_sequence_classifier,
-    state_difference,
-    trainable_state,
-)
-from zopro_lightning.module import ZOPrOModule
-from zopro_lightning.refinement import ReadablePromptJudge, judged_pairs, keep_close_merge
-from zopro_lightning.reward_model import PairCollator, RewardModelModule, ScoreCollator
-from zopro_lightning.rewards import HFRewardModel
-from zopro_lightning.run_state import (
+from zopro_lightning.run.sft import SFTCollator, SFTModule
+from zopro_lightning.run.state import (
     check_same_config,
     last_finished_iteration,
     load_state,
     save_run_config,
     save_state,
 )
-from zopro_lightning.sft import SFTCollator, SFTModule
-from zopro_lightning.spsa import derive_seed
+from zopro_lightning.utils.checkpointing import (
+    AtomicCheckpointIO,
+    ensure_writable,
+    resumable_checkpoint,
+)
+from zopro_lightning.utils.distributed import gather_objects, is_multi_process
+from zopro_lightning.utils.memory import peak_rss_mb
+from zopro_lightning.zo.spsa import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +389,7 @@ class Pipeline:
         cfg = self.cfg.sft
         target = self.run_dir / "sft"
         if self.resuming and (target / "config.json").exists():
-            from zopro_lightning.models import load_causal_lm
+            from zopro_lightning.models.loading import load_causal_lm
 
             log.info("resume: SFT policy from %s", target)
             done = load_state(self.run_dir, "sft")
@@ -431,7 +435,7 @@ class Pipeline:
         """
         cfg = self.cfg.reward_model
         if cfg.backbone:
-            from zopro_lightning.reward_backbones import load_reward_backbone
+            from zopro_lightning.reward.backbones import load_reward_backbone
 
             reward = load_reward_backbone(
                 cfg.backbone,
@@ -671,7 +675,7 @@ class Pipeline:
         )
         if self.resuming:
             self.summary["resumed"] = True
-        from zopro_lightning.export import export_policy  # RUN_DIR/policy and policy_adapter
+        from zopro_lightning.run.export import export_policy  # RUN_DIR/policy and policy_adapter
 
         export_policy(policy, self.tokenizer, cfg, self.summary, self.run_dir, self.is_global_zero)
         self.write_summary()

@@ -1,7 +1,7 @@
 """Hydra entry point: ``zopro-train [overrides]``.
 
 Composes the configs (defaults: the embedded sentiment task on one CPU) and runs the loop of
-:mod:`zopro_lightning.pipeline`. The entry point holds no logic of its own.
+:mod:`zopro_lightning.run.pipeline`. The entry point holds no logic of its own.
 
 The configs are the repository's ``conf/``, shipped inside the package as
 ``zopro_lightning.conf``: Hydra reads them as ``pkg://zopro_lightning.conf`` whether the
@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from zopro_lightning.gather import COLUMNS as SUMMARY_COLUMNS
+from zopro_lightning.run.gather import COLUMNS as SUMMARY_COLUMNS
 
 CONFIG_PACKAGE = "zopro_lightning.conf"
 
@@ -63,12 +63,12 @@ def leave_process_group() -> None:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def train(cfg: DictConfig) -> float:
-    from zopro_lightning.console import quiet_console
-    from zopro_lightning.export import check_export_config
+    from zopro_lightning.run.console import quiet_console
+    from zopro_lightning.run.export import check_export_config
 
     check_export_config(cfg)  # before any work: a push without a repository fails now
     quiet_console()
-    from zopro_lightning.pipeline import run_pipeline
+    from zopro_lightning.run.pipeline import run_pipeline
 
     # resume=RUN_DIR goes on in that directory (this invocation's Hydra directory keeps its log)
     run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)

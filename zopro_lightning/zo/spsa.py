@@ -10,7 +10,7 @@ For step seed ``s`` and each of ``q`` perturbations ``j``::
 ``z`` is never stored: it is regenerated from its seed whenever needed (MeZO's trick), so the
 step needs the memory of inference. For samplers with i.i.d. coordinates it is not even held
 whole for one tensor: it is drawn and added chunk by chunk, on all CPU threads
-(:mod:`zopro_lightning.draws`). The loss function evaluates every micro-batch at the same
+(:mod:`zopro_lightning.zo.draws`). The loss function evaluates every micro-batch at the same
 perturbed point, so ``g`` is the average over micro-batches that share ``z``.
 
 Guards (each one counts the step as skipped, ``SPSAResult.skipped``):
@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from zopro_lightning import draws
-from zopro_lightning.draws import derive_seed
-from zopro_lightning.samplers import PerturbationSampler
+from zopro_lightning.zo import draws
+from zopro_lightning.zo.draws import derive_seed
+from zopro_lightning.zo.samplers import PerturbationSampler
 
 LossFn = Callable[[], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
@@ -223,7 +223,7 @@ def spsa_step(
             ``z`` regenerated and never held whole. Otherwise called once ``theta`` is restored,
             as ``update_fn(params, gradient)`` where ``gradient(name, param)`` returns that
             tensor's estimate ``mean_j g_j z_j`` (materialised one tensor at a time); the rule
-            then owns ``lr`` and weight decay (:mod:`zopro_lightning.optim`). It returns
+            then owns ``lr`` and weight decay (:mod:`zopro_lightning.zo.optim`). It returns
             ``False`` if it left a non-finite value (having restored its own state); the step
             then undoes ``theta`` as for a non-finite weight.
         max_abs_grad: bound on each ``|g_j|``, applied after the cross-rank mean (``None``: no

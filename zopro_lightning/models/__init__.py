@@ -1,0 +1,1 @@
+"""Loading and building causal LMs, sequence classifiers and tokenizers."""

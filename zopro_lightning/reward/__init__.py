@@ -1,0 +1,1 @@
+"""The reward side: reward callables, reward-model training, backbones, judges and refinement."""

@@ -1,0 +1,1 @@
+"""Small helpers shared across the package: distributed collectives, checkpoint I/O, memory."""
