@@ -148,8 +148,10 @@ class RecordingPipeline(pipeline_module.Pipeline):
         self.refinements.append(entry)
         judged_pairs = pipeline_module.judged_pairs
 
-        def counted(module: ZOPrOModule, judge: Any, records_: list) -> list[dict[str, str]]:
-            pairs = judged_pairs(module, judge, records_)  # this rank's own judged pairs
+        def counted(
+            module: ZOPrOModule, judge: Any, records_: list, **kwargs: Any
+        ) -> list[dict[str, str]]:
+            pairs = judged_pairs(module, judge, records_, **kwargs)  # this rank's own pairs
             entry["pairs"] = len(pairs)
             return pairs
 

@@ -89,19 +89,51 @@ def test_help_lists_the_config_groups_and_the_main_options():
             assert line.endswith(f"[{value}]"), line
 
 
+#: a tqdm bar's text up to its rate (``... 3/4 [00:01<00:00, 2.5it/s, reward=0.1]``): what a
+#: terminal redraws in place; a log line written right after a bar's last redraw is kept
+BAR = re.compile(r"^.*(?:it/s|s/it|\|\s+\| \d+/\?)[^\]]*\]\s*")
+
+
+def console_lines(output: str) -> list[str]:
+    """The lines a terminal keeps: progress bars (tqdm redraws with carriage returns) and
+    blank lines dropped, Hydra's log prefix removed."""
+    lines = []
+    for line in output.splitlines():  # (splits at "\r" too: each redraw of a bar)
+        line = BAR.sub("", line)
+        if not line.strip() or "━" in line:
+            continue
+        lines.append(HYDRA_PREFIX.sub("", line).removeprefix("INFO: "))
+    return lines
+
+
+def test_console_lines_drop_bars_and_keep_log_lines_written_after_them():
+    output = (
+        "[sft]:   0%|          | 0/1 [00:00<?, ?it/s]\r"
+        "[sft]: 100%|##########| 1/1 [00:00<00:00, 18.6it/s, sft/loss=5.460]"
+        "[2026-11-30 13:38:56,600][lightning][INFO] - `Trainer.fit` stopped.\n"
+        "Training: |          | 0/? [00:00<?, ?it/s]\n"
+        "evaluation:   0%|          | 0/4 [00:00<?, ?it/s]\r                 \n"
+        "[2026-11-30 13:38:56,765][zopro_lightning.run.pipeline][INFO] - [iteration 1/4] x\n"
+    )
+    assert console_lines(output) == ["`Trainer.fit` stopped.", "[iteration 1/4] x"]
+
+
 @pytest.mark.slow
 def test_a_run_prints_each_line_once_and_no_harmless_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # progress bars on one line each
-    result = zopro_train(tmp_path / "run", "loop.iterations=2")
+    iterations = OmegaConf.load(f"{CONFIG_DIR}/config.yaml").loop.iterations  # the default T
+    result = zopro_train(tmp_path / "run", f"loop.iterations={iterations}")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    lines = []
-    for line in output.splitlines():
-        if not line.strip() or "━" in line or "%|" in line:  # progress bars
-            continue
-        lines.append(HYDRA_PREFIX.sub("", line).removeprefix("INFO: "))
+    lines = console_lines(output)
     repeated = [line for line, count in Counter(lines).items() if count > 1]
     assert not repeated, "\n".join(repeated)
+    assert len(lines) <= 60, "\n".join(lines)  # besides progress bars
+    # every phase has a bar that says where the run is, not "Epoch 0/-2"
+    for bar in ("[sft]", "[reward model r_0]", f"[iteration {iterations}/{iterations}] policy",
+                f"[iteration 1/{iterations}] refinement", "evaluation", "fresh completions",
+                "judging"):  # fmt: skip
+        assert f"{bar}" in output, bar
     for harmless in (
         "litlogger",
         "in eval mode",

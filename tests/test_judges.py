@@ -329,3 +329,23 @@ def test_file_judge_contradiction_and_missing_file(tmp_path):
         FileJudge(path)
     with pytest.raises(FileNotFoundError):
         FileJudge(tmp_path / "absent.jsonl")
+
+
+def test_judging_in_chunks_gives_the_labels_of_one_call(capsys):
+    from zopro_lightning.reward.refinement import judge_in_chunks
+
+    def length_reward(prompts, completions):
+        return torch.tensor([float(len(c)) for c in completions])
+
+    judge = RewardJudge(length_reward)
+    n = 10
+    prompts = [f"p{i}" for i in range(n)]
+    first = ["a" * (i % 3) for i in range(n)]
+    second = ["a" * (i % 4) for i in range(n)]
+    whole = judge(prompts, first, second)
+    for chunk_size in (1, 3, 64):
+        chunked = judge_in_chunks(judge, prompts, first, second, chunk_size, progress="judging")
+        torch.testing.assert_close(chunked, whole, equal_nan=True)
+    assert "judging" in capsys.readouterr().out  # the bar, when asked for
+    judge_in_chunks(judge, prompts, first, second, 3, progress=None)
+    assert capsys.readouterr().out == ""

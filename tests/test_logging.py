@@ -269,3 +269,14 @@ def test_logger_group_entries_need_a_target():
         cfg = compose("config", overrides=["logger=many", "+logger.extra.save_dir=x"])
     with pytest.raises(ValueError, match="logger.extra has no _target_"):
         logger_nodes(cfg.logger)
+
+
+def test_the_progress_bar_says_where_the_run_is():
+    progress = RunProgress()
+    assert progress.describe(4) == "[sft]"
+    progress.enter("reward_model")
+    assert progress.describe(4) == "[reward model r_0]"
+    progress.enter("policy_learning", 1)
+    assert progress.describe(4) == "[iteration 2/4] policy learning"
+    progress.enter("refinement", 3)
+    assert progress.describe() == "[iteration 4] refinement"

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 #: the phases of a run, in the order they come; ``phase`` is logged as an index into this
 PHASES = ("sft", "reward_model", "policy_learning", "refinement")
@@ -42,6 +43,16 @@ class RunProgress(Callback):
         if phase not in PHASES:
             raise ValueError(f"RunProgress: phase must be one of {PHASES}, got {phase!r}")
         self.phase, self.iteration = phase, int(iteration)
+
+    def describe(self, iterations: int | None = None) -> str:
+        """Where the run is, for a progress bar: ``[sft]``, ``[reward model r_0]``,
+        ``[iteration 2/4] policy learning`` (``iterations``: the run's ``T``)."""
+        if self.phase == "sft":
+            return "[sft]"
+        if self.phase == "reward_model":
+            return "[reward model r_0]"
+        of = f"/{iterations}" if iterations else ""
+        return f"[iteration {self.iteration + 1}{of}] {self.phase.replace('_', ' ')}"
 
     def step(self, trainer: Trainer) -> int:
         """Updates of the whole run so far: the finished fits' and this fit's."""
@@ -82,3 +93,22 @@ class RunProgress(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.completed = int(state_dict["completed"])
         self.enter(str(state_dict["phase"]), int(state_dict["iteration"]))
+
+
+class PhaseProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, described by where the run is instead of by the epoch (a policy
+    phase runs to ``max_steps`` with ``max_epochs=-1``): ``[iteration 2/4] policy learning``,
+    with ``epoch 3/6`` after it for a phase of several epochs."""
+
+    def __init__(self, progress: RunProgress, iterations: int | None = None) -> None:
+        super().__init__()
+        self.progress = progress
+        self.iterations = iterations
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        description = self.progress.describe(self.iterations)
+        if trainer.max_epochs is not None and trainer.max_epochs > 1:
+            description += f" epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        if self.train_progress_bar is not None:
+            self.train_progress_bar.set_description(description)

@@ -169,9 +169,9 @@ def load_reward_backbone(
             fresh ``num_labels``-output head.
         num_labels: outputs of the head; the reward is the first.
         lora: keyword arguments of :func:`~zopro_lightning.models.loading.add_lora` (``r``,
-            ``alpha``, ``target_modules``, ...; task ``SEQ_CLS``, so the head stays trainable). For BERT,
-            RoBERTa, DeBERTa-v2 and DistilBERT the target modules default to the attention and
-            dense layers. ``None``: every parameter is trainable.
+            ``alpha``, ``target_modules``, ...; task ``SEQ_CLS``, so the head stays trainable).
+            For BERT, RoBERTa, DeBERTa-v2 and DistilBERT the target modules default to the
+            attention and dense layers. ``None``: every parameter is trainable.
         dtype: ``"float32"``, ``"bf16"``, ... or ``None`` (the checkpoint's).
         max_length: tokens per ``prompt + completion`` text.
         batch_size: texts per forward when scoring.

@@ -14,25 +14,54 @@ import torch
 from torch import Tensor, nn
 
 from zopro_lightning.rl.rollout import decode_completions, generate_completions
+from zopro_lightning.utils.progress import progress_bar
 
 Judge = Callable[[list[str], list[str], list[str]], Tensor]
 
 
-def fresh_completions(module, prompts: Sequence[str], batch_size: int = 64) -> list[str]:
-    """One new sampled completion per prompt from the module's current policy."""
+def fresh_completions(
+    module, prompts: Sequence[str], batch_size: int = 64, progress: str | None = None
+) -> list[str]:
+    """One new sampled completion per prompt from the module's current policy (``progress``:
+    the description of a progress bar, ``None`` for none)."""
     config = module.rollout_config
     config.k = 1
     completions: list[str] = []
     module.policy.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        ids, _, mask, _ = generate_completions(module.policy, module.tokenizer, chunk, config)
-        completions += decode_completions(module.tokenizer, ids, mask)
+    with progress_bar(len(prompts), progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            ids, _, mask, _ = generate_completions(module.policy, module.tokenizer, chunk, config)
+            completions += decode_completions(module.tokenizer, ids, mask)
+            bar.update(len(chunk))
     return completions
 
 
-def judged_pairs(module, judge: Judge, records: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    """Pairs ``{prompt, chosen, rejected}`` from stored vs fresh completions, as judged.
+def judge_in_chunks(
+    judge: Judge,
+    prompts: list[str],
+    first: list[str],
+    second: list[str],
+    chunk_size: int = 64,
+    progress: str | None = None,
+) -> Tensor:
+    """``[N]`` labels of ``judge`` over the pairs, ``chunk_size`` pairs a call (an LLM judge
+    generates for a whole call at once), with a progress bar when ``progress`` is set."""
+    labels = []
+    with progress_bar(len(prompts), progress) as bar:
+        for start in range(0, len(prompts), chunk_size):
+            end = start + chunk_size
+            chunk = judge(prompts[start:end], first[start:end], second[start:end])
+            labels.append(torch.as_tensor(chunk, dtype=torch.float32).reshape(-1))
+            bar.update(len(labels[-1]))
+    return torch.cat(labels)
+
+
+def judged_pairs(
+    module, judge: Judge, records: Sequence[tuple[str, str]], progress: bool = False
+) -> list[dict[str, str]]:
+    """Pairs ``{prompt, chosen, rejected}`` from stored vs fresh completions, as judged
+    (``progress``: bars for the fresh completions and the judging).
 
     The judge returns 1 where the first (stored) completion is better, 0 where the second is,
     NaN where it cannot tell; undecided pairs and identical completions are dropped.
@@ -41,8 +70,10 @@ def judged_pairs(module, judge: Judge, records: Sequence[tuple[str, str]]) -> li
         return []
     prompts = [prompt for prompt, _ in records]
     stored = [completion for _, completion in records]
-    fresh = fresh_completions(module, prompts)
-    labels = torch.as_tensor(judge(prompts, stored, fresh), dtype=torch.float32)
+    fresh = fresh_completions(module, prompts, progress="fresh completions" if progress else None)
+    labels = judge_in_chunks(
+        judge, prompts, stored, fresh, progress="judging" if progress else None
+    )
     pairs = []
     for prompt, first, second, label in zip(prompts, stored, fresh, labels.tolist(), strict=True):
         if first == second or label != label:  # identical, or NaN (undecided)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from zopro_lightning.reward.callables import RewardFn, score_completions
 from zopro_lightning.rl.rollout import RolloutConfig, decode_completions, generate_completions
+from zopro_lightning.utils.progress import progress_bar
 
 
 @torch.no_grad()
@@ -29,17 +30,19 @@ def prompt_mean_rewards(
     config: RolloutConfig,
     seed: int = 1234,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> Tensor:
     """``[P]``: the mean gold reward of ``config.k`` sampled completions of each held-out prompt
     (NaN where no completion got a finite score).
 
     Sampling uses the training temperature and a fixed seed (on a forked RNG, so training's
     random stream is untouched): two evaluations of the same prompts are paired, and their
-    difference is the policy's alone (:func:`paired_difference_stderr`).
+    difference is the policy's alone (:func:`paired_difference_stderr`). ``progress``: the
+    description of a progress bar over the prompts (``None``: no bar).
     """
     policy.eval()
     scores = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), progress_bar(len(prompts), progress) as bar:
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -47,6 +50,7 @@ def prompt_mean_rewards(
             completions = decode_completions(tokenizer, ids, mask)
             repeated = [p for p in chunk for _ in range(config.k)]
             scores.append(score_completions(gold_reward, repeated, completions))
+            bar.update(len(chunk))
     rewards = torch.cat(scores).double().view(len(prompts), config.k)  # [P, k]
     return rewards.nanmean(dim=1)
 

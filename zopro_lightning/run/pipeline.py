@@ -46,13 +46,14 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
-from zopro_lightning.callbacks.run_progress import RunProgress
+from zopro_lightning.callbacks.run_progress import PhaseProgressBar, RunProgress
 from zopro_lightning.data.resumable import ResumableDataLoader
 from zopro_lightning.models.loading import (
     load_sequence_classifier,
@@ -336,6 +337,11 @@ class Pipeline:
         """A Lightning Trainer for one phase, from the ``trainer`` config group, with the run's
         loggers and its :class:`RunProgress` (one logged step over every phase's Trainer)."""
         factory: Callable[..., L.Trainer] = instantiate(self.cfg.trainer, _partial_=True)
+        callbacks = [self.progress, *callbacks]
+        if self.cfg.trainer.get("enable_progress_bar", True) and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            callbacks.append(PhaseProgressBar(self.progress, self.cfg.loop.iterations))
         options = {
             "enable_checkpointing": False,
             "enable_model_summary": False,
@@ -343,12 +349,19 @@ class Pipeline:
         } | kwargs
         trainer = factory(
             logger=self.loggers or False,
-            callbacks=[self.progress, *callbacks],
+            callbacks=callbacks,
             default_root_dir=str(self.run_dir),
             **options,
         )
         self.last_trainer = trainer
         return trainer
+
+    def bar_description(self, description: str) -> str | None:
+        """``description`` for a progress bar of work outside a Trainer, or ``None`` (no bar)
+        where the trainer config turns bars off or on ranks other than 0."""
+        if not self.cfg.trainer.get("enable_progress_bar", True) or not self.is_global_zero:
+            return None
+        return description
 
     @property
     def is_global_zero(self) -> bool:
@@ -493,7 +506,8 @@ class Pipeline:
         if self.cfg.judge.get("readable_prompts") and readable:
             judge = ReadablePromptJudge(judge, readable)
         counts_before = judge_counts(self.judge)  # totals over ranks so far
-        pairs = judged_pairs(policy_module, judge, records)  # this rank's share of the chunk
+        progress = self.bar_description("judging") is not None
+        pairs = judged_pairs(policy_module, judge, records, progress=progress)  # this rank's
         if self.last_trainer is not None:  # DDP: every rank trains on every rank's pairs
             shares = gather_objects([(len(records), judge_counts(self.judge))], self.last_trainer)
             judged = sum(n for n, _ in shares)
@@ -529,6 +543,7 @@ class Pipeline:
             self.gold_reward if self.gold_reward is not None else self.policy_module.reward_fn,
             config,
             seed=self.cfg.seed + 10_000,
+            progress=self.bar_description("evaluation"),
         )
         self.eval_scores.append(means.tolist())
         if len(self.eval_scores) > 1:
