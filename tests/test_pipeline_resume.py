@@ -161,3 +161,29 @@ def test_run_stopped_by_a_signal_at_a_saved_state_resumes_to_bit_identical_weigh
         assert again["prompts"] == before["prompts"]
         assert again["trained_on"] == before["trained_on"]
     assert_same_weights([resumed], [one_process_run])
+
+
+@pytest.mark.slow
+def test_resume_alone_goes_on_with_the_runs_own_config(tmp_path):
+    """``zopro-train resume=RUN_DIR`` with none of the run's overrides takes its config."""
+    import subprocess
+    import sys
+
+    from .test_cli import zopro_train
+
+    run = tmp_path / "run"
+    first = zopro_train(run, "loop.iterations=1", "interplay.snapshots=false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = json.loads((run / "summary.json").read_text())
+    for path in (run / "summary.json", run / "state" / "iteration_0.pt"):
+        path.unlink()  # as if stopped after r_0: iteration 0 is redone
+    resumed = subprocess.run(
+        [sys.executable, "-m", "zopro_lightning.run.cli", f"resume={run}",
+         f"hydra.run.dir={tmp_path / 'resume_log'}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["policy_steps"] == finished["policy_steps"] == 2  # SMALL's, not the default
+    assert summary["gold_reward_final"] == finished["gold_reward_final"]
+    assert summary["resumed"] is True

@@ -70,7 +70,12 @@ def train(cfg: DictConfig) -> float:
     quiet_console()
     from zopro_lightning.run.pipeline import run_pipeline
 
-    # resume=RUN_DIR goes on in that directory (this invocation's Hydra directory keeps its log)
+    # resume=RUN_DIR goes on in that directory, with its config when no other override is given
+    # (this invocation's Hydra directory keeps its own log)
+    if cfg.get("resume"):
+        from zopro_lightning.run.state import config_to_resume
+
+        cfg = config_to_resume(cfg, HydraConfig.get().overrides.task)
     run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
     summary = run_pipeline(cfg, run_dir)
     leave_process_group()

@@ -2,8 +2,10 @@
 
 A run directory holds, besides its outputs:
 
-- ``run_config.yaml``: the composed config the run started with. A resume must use the same one
-  (apart from ``resume`` and ``num_threads``); :func:`check_same_config` names any difference.
+- ``run_config.yaml``: the composed config the run started with. ``resume=RUN_DIR`` alone
+  runs with it (:func:`config_to_resume`); a resume given other overrides must compose the same
+  config (apart from ``resume`` and ``num_threads``): :func:`check_same_config` names any
+  difference.
 - ``sft/``: the merged SFT policy, moved into place in one rename once complete.
 - ``state/start.pt``: the trained reward model r_0 and the summary so far.
 - ``state/iteration_<t>.pt``: after iteration ``t`` (policy learning and refinement): the
@@ -24,11 +26,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zopro_lightning.utils.checkpointing import checkpoint_problem, set_aside
 
@@ -105,6 +108,29 @@ def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(comparable(cfg))))
     os.replace(tmp, path)
+
+
+def override_key(override: str) -> str:
+    """The dotted key of a Hydra command-line override (``+a.b=1``, ``~a``, ``a=1``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def config_to_resume(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The config a ``resume=RUN_DIR`` invocation runs with.
+
+    With no override but ``resume`` and ``num_threads``: the run's own ``run_config.yaml``
+    (with this invocation's ``resume`` and ``num_threads``), so the run's overrides need not be
+    repeated. With others (or no ``run_config.yaml``): ``cfg`` as composed, which
+    :func:`check_same_config` then compares with the run's.
+    """
+    path = Path(cfg.resume) / RUN_CONFIG
+    if any(override_key(o) not in IGNORED_KEYS for o in overrides) or not path.exists():
+        return cfg
+    saved = OmegaConf.load(path)
+    with open_dict(saved):
+        for key in IGNORED_KEYS:
+            saved[key] = cfg.get(key)
+    return saved
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
