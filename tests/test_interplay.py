@@ -21,20 +21,19 @@ from zopro_lightning.interplay import (
     load_run,
 )
 from zopro_lightning.interplay import snapshots as snapshots_mod
-from zopro_lightning.interplay.analysis import (
-    MIN_PAIRS,
+from zopro_lightning.interplay.cli import main
+from zopro_lightning.interplay.pairing import pair_updates, update_keypoints
+from zopro_lightning.interplay.projections import embed, extrapolate_linear, project
+from zopro_lightning.interplay.significance import procrustes_test
+from zopro_lightning.interplay.sketch import count_sketch
+from zopro_lightning.interplay.statistics import (
     angle_deg,
     coordinate_pearson,
     distance_correlation,
-    pair_updates,
     pearson,
-    procrustes_test,
-    update_keypoints,
 )
-from zopro_lightning.interplay.cli import main
-from zopro_lightning.interplay.projections import embed, extrapolate_linear, project
-from zopro_lightning.interplay.sketch import count_sketch
 from zopro_lightning.interplay.trajectory import common_space
+from zopro_lightning.interplay.undefined import MIN_PAIRS
 
 
 def random_walk(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -271,7 +270,7 @@ def test_permutation_tests_are_exact_when_all_orders_fit() -> None:
     ],
 )  # fmt: skip
 def test_too_few_pairs_are_reported_not_drawn(snapshots: int, missing: dict) -> None:
-    from zopro_lightning.interplay.plots import metrics_figure, metrics_matplotlib
+    from zopro_lightning.interplay.metrics_plots import metrics_figure, metrics_matplotlib
 
     p, r = random_walk(snapshots, 20, seed=15), random_walk(snapshots, 20, seed=16)
     out = analyse({"policy": p, "reward": r})

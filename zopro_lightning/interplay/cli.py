@@ -16,8 +16,11 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .projections import METHODS
+from .projections import METHODS, Projection, project
+from .trajectory import Trajectories
+from .undefined import why_not
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,38 +88,25 @@ def _csv(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the analysis; returns the exit status (0 ok, 2 no snapshots / bad options)."""
+def _options(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], list[int]]:
+    """Parsed arguments, projection methods and dimensions; ``ValueError`` when the options
+    are bad or the run directory holds no snapshots."""
     args = _parser().parse_args(argv)
-    try:
-        methods = _csv(args.methods, METHODS, "--methods")
-        dims = [int(d) for d in _csv(args.dims, ("2", "3"), "--dims")]
-    except ValueError as err:
-        print(f"zopro-viz: {err}", file=sys.stderr)
-        return 2
+    methods = _csv(args.methods, METHODS, "--methods")
+    dims = [int(d) for d in _csv(args.dims, ("2", "3"), "--dims")]
     if not (args.run_dir / "interplay" / "index.json").exists():
-        print(
-            f"zopro-viz: {args.run_dir} has no interplay snapshots (expected "
+        raise ValueError(
+            f"{args.run_dir} has no interplay snapshots (expected "
             f"{args.run_dir / 'interplay' / 'index.json'}). Enable the interplay snapshot "
-            "callback when training, or pass the run directory that contains 'interplay/'.",
-            file=sys.stderr,
+            "callback when training, or pass the run directory that contains 'interplay/'."
         )
-        return 2
+    return args, methods, dims
 
-    # Imported here so that `zopro-viz --help` and the error paths stay fast.
-    from .analysis import analyse
-    from .plots import render
-    from .projections import project
-    from .snapshots import load_run
 
-    started = time.perf_counter()
-    trajectories = load_run(args.run_dir)
-    try:
-        result = analyse(
-            trajectories, offset=args.offset, k=args.k, window=args.window, pairing=args.pairing
-        )
-    except ValueError as err:  # e.g. only one model was snapshotted
-        result = {"error": str(err)}
+def _projections(
+    trajectories: Trajectories, args: argparse.Namespace, methods: list[str], dims: list[int]
+) -> tuple[list[Projection], list[str]]:
+    """Every method x dimension projection, and their fallback notes (not warnings)."""
     projections, notes = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fallbacks are recorded as notes
@@ -132,6 +122,59 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 projections.append(proj)
                 notes += [f"{method} {d}-D: {note}" for note in proj.notes]
+    return projections, notes
+
+
+def _print_metrics(result: dict[str, Any]) -> None:
+    """The summary lines of the metrics: pairs, Procrustes, dCor, Pearson r, mean angle."""
+    if "error" in result:
+        print(f"  metrics skipped: {result['error']}")
+        return
+
+    def fmt(v: float | None, statistic: str = "") -> str:
+        return (why_not(result, statistic) or "n/a") if v is None else f"{v:.4f}"
+
+    print(
+        f"  {result['n_pairs']} update pairs (pairing {result['pairing']}, offset "
+        f"{result['offset']}, {result['space']} space, k={result['k']})"
+    )
+    if not result["n_pairs"]:
+        return
+    proc, dc = result["procrustes"], result["distance_correlation"]
+    print(
+        f"  Procrustes disparity {fmt(proc['disparity'], 'procrustes')} (chance "
+        f"{fmt(proc['permutation_mean'])}, p {fmt(proc['p_value'])}); "
+        f"distance correlation {fmt(dc['overall'], 'distance_correlation')} "
+        f"(p {fmt(dc['p_value'])}); Pearson r of update norms "
+        f"{fmt(result['pearson']['update_norms'], 'pearson')}"
+    )
+    angles = [a for a in result.get("angle_updates_deg", []) if a is not None]
+    if angles:
+        print(f"  angle between updates: mean {sum(angles) / len(angles):.1f} deg")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the analysis; returns the exit status (0 ok, 2 no snapshots / bad options)."""
+    try:
+        args, methods, dims = _options(argv)
+    except ValueError as err:
+        print(f"zopro-viz: {err}", file=sys.stderr)
+        return 2
+
+    # Imported here so that `zopro-viz --help` and the error paths stay fast.
+    from .analysis import analyse
+    from .plots import render
+    from .snapshots import load_run
+
+    started = time.perf_counter()
+    trajectories = load_run(args.run_dir)
+    try:
+        result = analyse(
+            trajectories, offset=args.offset, k=args.k, window=args.window, pairing=args.pairing
+        )
+    except ValueError as err:  # e.g. only one model was snapshotted
+        result = {"error": str(err)}
+    projections, notes = _projections(trajectories, args, methods, dims)
     out_dir = args.run_dir / "plots"
     written = render(
         trajectories,
@@ -157,30 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {t.model:7s} {t.n:4d} snapshots x {t.dim} dims"
             + (" (count-sketched)" if t.projection else "")
         )
-    if "error" in result:
-        print(f"  metrics skipped: {result['error']}")
-    else:
-
-        def fmt(v: float | None, statistic: str = "") -> str:
-            why = result.get("unavailable", {}).get(statistic)
-            return (why or "n/a") if v is None else f"{v:.4f}"
-
-        angles = [a for a in result.get("angle_updates_deg", []) if a is not None]
-        print(
-            f"  {result['n_pairs']} update pairs (pairing {result['pairing']}, offset "
-            f"{result['offset']}, {result['space']} space, k={result['k']})"
-        )
-        if result["n_pairs"]:
-            proc, dc = result["procrustes"], result["distance_correlation"]
-            print(
-                f"  Procrustes disparity {fmt(proc['disparity'], 'procrustes')} (chance "
-                f"{fmt(proc['permutation_mean'])}, p {fmt(proc['p_value'])}); "
-                f"distance correlation {fmt(dc['overall'], 'distance_correlation')} "
-                f"(p {fmt(dc['p_value'])}); Pearson r of update norms "
-                f"{fmt(result['pearson']['update_norms'], 'pearson')}"
-            )
-            if angles:
-                print(f"  angle between updates: mean {sum(angles) / len(angles):.1f} deg")
+    _print_metrics(result)
     print(f"  wrote {len(written)} files to {out_dir} in {time.perf_counter() - started:.1f} s")
     return 0
 

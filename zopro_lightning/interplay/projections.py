@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import gram_coordinates
-from .trajectory import Trajectories, common_space
+from .reduction import gram_coordinates
+from .trajectory import CommonSpace, Trajectories, common_space
 
 METHODS = ("pca", "tsne", "umap")
 
@@ -153,6 +153,25 @@ def extrapolate_linear(coords: np.ndarray, steps: int, fit_last: int = 3) -> np.
     return np.stack([np.ones(steps), future], axis=1) @ coef
 
 
+def _joint_embedding(
+    common: CommonSpace, method: str, dims: int, seed: int, normalise: bool, notes: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]], str]:
+    """One embedding of both models' displacements ``x_i - x_0`` (each divided by its RMS
+    norm ``sqrt(mean_i ||x_i - x_0||^2)`` when ``normalise``); (coords, labels, method)."""
+    parts = []
+    for pts in (common.policy, common.reward):
+        disp = pts.astype(np.float64) - pts[:1].astype(np.float64)
+        rms = float(np.sqrt(np.mean(np.sum(disp**2, axis=1))))
+        parts.append(disp / rms if normalise and rms > 0 else disp)
+    both, axis, how = embed(np.concatenate(parts), method, dims, seed, notes)
+    n_p = parts[0].shape[0]
+    notes.append(
+        f"joint embedding in {common.kind} coordinates ({common.note}); "
+        "displacements from the first snapshot" + (", each scaled to unit RMS" if normalise else "")
+    )
+    return {"policy": both[:n_p], "reward": both[n_p:]}, {"policy": axis, "reward": axis}, how
+
+
 def project(
     trajectories: Trajectories,
     method: str = "pca",
@@ -182,21 +201,8 @@ def project(
     used: list[str] = []
     if joint:
         assert common is not None
-        parts = []
-        for pts in (common.policy, common.reward):
-            disp = pts.astype(np.float64) - pts[:1].astype(np.float64)
-            rms = float(np.sqrt(np.mean(np.sum(disp**2, axis=1))))
-            parts.append(disp / rms if normalise and rms > 0 else disp)
-        both, axis, how = embed(np.concatenate(parts), method, dims, seed, notes)
+        coords, labels, how = _joint_embedding(common, method, dims, seed, normalise, notes)
         used.append(how)
-        n_p = parts[0].shape[0]
-        coords = {"policy": both[:n_p], "reward": both[n_p:]}
-        labels = {"policy": axis, "reward": axis}
-        notes.append(
-            f"joint embedding in {common.kind} coordinates ({common.note}); "
-            "displacements from the first snapshot"
-            + (", each scaled to unit RMS" if normalise else "")
-        )
     else:
         for traj in trajectories:
             coords[traj.model], labels[traj.model], how = embed(

@@ -8,7 +8,7 @@ Layout under a run directory ``RUN_DIR``::
 Each index record is ``{"file": "policy_00003.safetensors", "model": "policy" | "reward",
 "step": int, "iteration": int, "phase": str, "fraction": float}``; ``seq`` counts the
 snapshots of that model from 0. ``step`` is the global (policy-update) step, ``iteration``
-the policy-learning / reward-refinement iteration t of DESIGN.md section 2, ``phase`` a free
+the policy-learning / reward-refinement iteration t of docs/algorithm.md §2, ``phase`` a free
 label (e.g. ``"init"``, ``"policy"``, ``"reward"``), ``fraction`` the fraction of training done.
 
 A snapshot file holds the model's trainable tensors (for LoRA: the A/B matrices) as float32
@@ -185,6 +185,59 @@ def _read_snapshot(
     return vector, names, [tuple(a.shape) for a in arrays], metadata
 
 
+def _projection_of(meta: Mapping[str, str]) -> dict[str, str | None] | None:
+    """The sketch settings in a snapshot's metadata, ``None`` for a raw snapshot."""
+    if "projection" not in meta:
+        return None
+    return {k: meta.get(k) for k in ("projection", "seed", "dim")}
+
+
+def _load_model(directory: Path, model: str, recs: list[dict[str, Any]]) -> Trajectory:
+    """The trajectory of one model from its index records (at least one), in save order.
+
+    ``FileNotFoundError`` for a file the index names but that is missing, ``ValueError`` when
+    a snapshot's tensors or projection differ from the model's first snapshot.
+    """
+    rows, layout, projection = [], None, None
+    for rec in recs:
+        path = directory / rec["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"{directory / INDEX} names {rec['file']}, which is missing")
+        vector, names, shapes, meta = _read_snapshot(path)
+        this_proj = _projection_of(meta)
+        if layout is None:
+            layout, projection = (names, shapes), this_proj
+        elif (names, shapes) != layout or this_proj != projection:
+            raise ValueError(
+                f"{path}: tensors or projection differ from the first "
+                f"{model} snapshot ({recs[0]['file']}); a trajectory "
+                "needs the same trainable set throughout"
+            )
+        rows.append(vector)
+    assert layout is not None
+    proj = (
+        None
+        if projection is None
+        else {
+            "kind": projection["projection"],
+            "seed": int(projection["seed"] or 0),
+            "dim": int(projection["dim"] or 0),
+        }
+    )
+    return Trajectory(
+        model=model,
+        points=np.stack(rows).astype(np.float32, copy=False),
+        steps=np.array([int(r["step"]) for r in recs], dtype=np.int64),
+        iterations=np.array([int(r["iteration"]) for r in recs], dtype=np.int64),
+        phases=tuple(str(r["phase"]) for r in recs),
+        fractions=np.array([float(r["fraction"]) for r in recs], dtype=np.float64),
+        files=tuple(r["file"] for r in recs),
+        names=tuple(layout[0]),
+        shapes=tuple(layout[1]),
+        projection=proj,
+    )
+
+
 def load_run(run_dir: Path | str) -> Trajectories:
     """Read ``run_dir/interplay/index.json`` and every snapshot it names.
 
@@ -200,55 +253,11 @@ def load_run(run_dir: Path | str) -> Trajectories:
             f"'{SUBDIR}/'."
         )
     records = _read_index(directory)
-    models: dict[str, Trajectory] = {}
-    for model in MODELS:
-        recs = [r for r in records if r["model"] == model]
-        if not recs:
-            continue
-        rows, layout, projection = [], None, None
-        for rec in recs:
-            path = directory / rec["file"]
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{directory / INDEX} names {rec['file']}, which is missing"
-                )
-            vector, names, shapes, meta = _read_snapshot(path)
-            this_proj = (
-                {k: meta.get(k) for k in ("projection", "seed", "dim")}
-                if "projection" in meta
-                else None
-            )
-            if layout is None:
-                layout, projection = (names, shapes), this_proj
-            elif (names, shapes) != layout or this_proj != projection:
-                raise ValueError(
-                    f"{path}: tensors or projection differ from the first "
-                    f"{model} snapshot ({recs[0]['file']}); a trajectory "
-                    "needs the same trainable set throughout"
-                )
-            rows.append(vector)
-        assert layout is not None
-        proj = (
-            None
-            if projection is None
-            else {
-                "kind": projection["projection"],
-                "seed": int(projection["seed"] or 0),
-                "dim": int(projection["dim"] or 0),
-            }
-        )
-        models[model] = Trajectory(
-            model=model,
-            points=np.stack(rows).astype(np.float32, copy=False),
-            steps=np.array([int(r["step"]) for r in recs], dtype=np.int64),
-            iterations=np.array([int(r["iteration"]) for r in recs], dtype=np.int64),
-            phases=tuple(str(r["phase"]) for r in recs),
-            fractions=np.array([float(r["fraction"]) for r in recs], dtype=np.float64),
-            files=tuple(r["file"] for r in recs),
-            names=tuple(layout[0]),
-            shapes=tuple(layout[1]),
-            projection=proj,
-        )
+    models = {
+        model: _load_model(directory, model, recs)
+        for model in MODELS
+        if (recs := [r for r in records if r["model"] == model])
+    }
     if not models:
         raise ValueError(f"{directory / INDEX} lists no policy or reward snapshots")
     return Trajectories(models, run_dir=str(run_dir))

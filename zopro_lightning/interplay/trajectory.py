@@ -11,7 +11,7 @@ or another base). :func:`common_space` finds coordinates they share:
 
 * ``"shared-parameters"``: both stored raw; the columns of the tensors present in both
   models with the same name and shape (same LoRA layout: every adapter tensor). Inner
-  products there are the ones the ZOPrO sampler uses (DESIGN.md section 2.4).
+  products there are the ones the ZOPrO sampler uses (docs/algorithm.md §2.4).
 * ``"shared-sketch"``: both count-sketched with the same seed and dimension; shared names
   hash to the same buckets, so the sketch space is common (the tensors of one model only
   add noise of order ``||x|| ||y|| / sqrt(m)`` to cross inner products).
