@@ -11,13 +11,13 @@ import datasets
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from zopro_lightning.data import preference
 from zopro_lightning.data.preference import (
     filter_by_prompt_length,
     format_prompt,
     load_preference_dataset,
     train_eval_split,
 )
+from zopro_lightning.data.registry import DATASETS
 
 from .conftest import whitespace_tokenizer
 
@@ -283,5 +283,8 @@ def test_train_eval_split_errors():
         train_eval_split([{"prompt": "a"}], eval_fraction=0.5)
 
 
-def test_module_lists_every_task():
-    assert set(preference.EXTRACTORS) == set(preference.TASKS)
+def test_every_task_is_one_registered_schema():
+    """Each task name is one schema in the registry, with its extractor and its columns."""
+    assert list(DATASETS) == ["hh_rlhf", "tldr", "wmt20_mlqe", "jsonl", "jsonl_prompts"]
+    for name, schema in DATASETS.items():
+        assert schema.name == name and callable(schema.extract) and schema.required_columns

@@ -31,10 +31,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["DataFileError", "LocalRows", "read_local_rows"]
+__all__ = ["LOCAL_FORMATS", "DataFileError", "LocalRows", "local_format", "read_local_rows"]
+
+LOCAL_FORMATS: dict[str, str] = {
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".json": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+}
+"""The local file suffixes every dataset schema reads, each with its reader (``builder``)."""
 
 _SIMPLE_HEAD = re.compile(r"^[^\[]*\[:(\d+)\]$")  # "train[:100]": stop after 100 rows
 _CONVERT = "iconv -f {encoding} -t UTF-8 {path} > {stem}.utf8{suffix}"
+
+
+def local_format(path: str) -> str | None:
+    """The reader (``"json"`` or ``"parquet"``) for a local file name, or ``None`` when the
+    name has none of the :data:`LOCAL_FORMATS` suffixes (then it is a hub dataset name)."""
+    name = path.lower()
+    for suffix in sorted(LOCAL_FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return LOCAL_FORMATS[suffix]
+    return None
 
 
 class DataFileError(ValueError):

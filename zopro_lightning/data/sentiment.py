@@ -9,7 +9,9 @@ A small generative grammar writes the beginnings of restaurant, product and movi
 The gold reward is VADER's compound sentiment score of the completion (in [-1, 1]), so the
 whole preference pipeline (SFT -> reward model -> zeroth-order policy learning -> refinement
 with a gold judge) runs offline in seconds on a CPU with a tiny model and the word-level
-tokenizer of :mod:`zopro_lightning.models.tokenizer`.
+tokenizer of :mod:`zopro_lightning.models.tokenizer`. The grammar's words, review domains and
+odds are in :mod:`zopro_lightning.data.sentiment_grammar` (re-exported here); this module draws
+the task from them.
 
 Why it is built this way:
 
@@ -41,125 +43,54 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from vaderSentiment.vaderSentiment import BOOSTER_DICT, NEGATE, SentimentIntensityAnalyzer
+from zopro_lightning.data.sentiment_grammar import (
+    CONNECTIVES,
+    DOMAINS,
+    MODIFIERS,
+    NEGATIVE_ADJECTIVES,
+    NEUTRAL_ADJECTIVES,
+    P_MODIFIER,
+    P_SECOND_CLAUSE,
+    P_TWO_ADJECTIVES,
+    POLARITY_WEIGHTS,
+    POSITIVE_ADJECTIVES,
+    PROMPT_PREFIX,
+    TAILS,
+    TIMES,
+    ReviewDomain,
+    check_word_polarities,
+    domain_adjectives,
+    grammar_vocabulary,
+    vader_compound,
+    vader_lexicon,
+)
 
-PROMPT_PREFIX = "review :"
+__all__ = [
+    "CONNECTIVES",
+    "DOMAINS",
+    "MIN_SCORE_GAP",
+    "MODIFIERS",
+    "NEGATIVE_ADJECTIVES",
+    "NEUTRAL_ADJECTIVES",
+    "POLARITY_WEIGHTS",
+    "POSITIVE_ADJECTIVES",
+    "PROMPT_PREFIX",
+    "P_MODIFIER",
+    "P_SECOND_CLAUSE",
+    "P_TWO_ADJECTIVES",
+    "TAILS",
+    "SentimentTask",
+    "all_prompts",
+    "build_sentiment_task",
+    "check_word_polarities",
+    "grammar_vocabulary",
+    "sample_completion",
+    "vader_compound",
+    "vader_lexicon",
+]
+
 MIN_SCORE_GAP = 0.05
 """Pairs whose compound scores differ by less than this are ties and are not used."""
-
-POSITIVE_ADJECTIVES: tuple[str, ...] = (
-    "wonderful", "excellent", "great", "amazing", "lovely", "perfect", "brilliant", "pleasant",
-    "charming", "delightful", "impressive", "beautiful", "terrific", "enjoyable", "elegant",
-    "friendly", "nice", "good", "helpful", "sweet", "fabulous", "satisfying", "cheerful",
-    "stunning", "generous",
-)  # fmt: skip
-"""Adjectives any subject or aspect can take; VADER valence > 1."""
-
-NEGATIVE_ADJECTIVES: tuple[str, ...] = (
-    "terrible", "awful", "horrible", "bad", "disappointing", "rude", "poor", "nasty", "ugly",
-    "annoying", "dreadful", "pathetic", "lousy", "miserable", "painful", "stupid", "weak", "sad",
-    "worthless", "inferior", "unpleasant", "dirty", "frustrating", "unacceptable", "careless",
-    "hostile", "messy",
-)  # fmt: skip
-"""Adjectives any subject or aspect can take; VADER valence < -1."""
-
-NEUTRAL_ADJECTIVES: tuple[str, ...] = (
-    "average", "ordinary", "typical", "plain", "simple", "small", "large", "quiet", "busy",
-)  # fmt: skip
-"""Adjectives absent from VADER's lexicon (score 0)."""
-
-MODIFIERS: tuple[str, ...] = ("very", "really", "quite", "extremely", "slightly", "somewhat")
-"""VADER boosters (the first four strengthen, the last two soften the adjective after them)."""
-
-CONNECTIVES: tuple[str, ...] = ("and", "but")
-"""'and' joins clauses of the same polarity, 'but' clauses of different polarity."""
-
-TAILS: tuple[str, ...] = (
-    "this time around", "for the price", "as it usually is", "from start to finish",
-    "on the whole", "all things considered",
-)  # fmt: skip
-"""Neutral endings of a one-clause completion (at least three words, so that every completion
-has at least six words, counting the final ".")."""
-
-POLARITY_WEIGHTS: tuple[float, float, float] = (0.42, 0.42, 0.16)
-"""Chances that a clause is positive, negative, neutral (positive and negative equal)."""
-P_SECOND_CLAUSE = 0.7
-P_MODIFIER = 0.4
-P_TWO_ADJECTIVES = 0.25
-
-
-@dataclass(frozen=True)
-class _Domain:
-    """One kind of review: what is reviewed, where, and which of its aspects a clause may name.
-
-    ``prompt_templates`` use ``{item}``, ``{place}`` and ``{time}``; ``*_adjectives`` extend the
-    shared adjective lists with words that only suit this domain.
-    """
-
-    name: str
-    items: tuple[str, ...]
-    places: tuple[str, ...]
-    prompt_templates: tuple[str, ...]
-    aspects: tuple[str, ...]
-    subject_verbs: tuple[str, ...]
-    aspect_verbs: tuple[str, ...]
-    positive_adjectives: tuple[str, ...]
-    negative_adjectives: tuple[str, ...]
-
-
-_TIMES: tuple[str, ...] = ("night", "week", "friday", "sunday", "month")
-
-DOMAINS: tuple[_Domain, ...] = (
-    _Domain(
-        name="restaurant",
-        items=("pasta", "soup", "burger", "pizza", "curry", "salad", "steak", "dessert",
-               "coffee", "risotto", "omelette", "ramen"),
-        places=("the corner cafe", "the harbor bistro", "the old diner", "the noodle bar",
-                "the hotel restaurant", "the family kitchen", "the food truck",
-                "the station cafe"),
-        prompt_templates=("the {item} at {place}", "the {item} we ordered at {place}",
-                          "my {item} at {place}", "the {item} at {place} last {time}"),
-        aspects=("the waiter", "the service", "the staff", "the music", "the decor",
-                 "the portion", "the price", "the table", "the menu", "the bread", "the wine",
-                 "the room"),
-        subject_verbs=("was", "tasted", "seemed", "looked"),
-        aspect_verbs=("was", "seemed", "felt"),
-        positive_adjectives=("delicious", "fresh"),
-        negative_adjectives=("disgusting", "gross"),
-    ),
-    _Domain(
-        name="product",
-        items=("blender", "laptop", "backpack", "kettle", "phone", "keyboard", "lamp",
-               "toaster", "camera", "speaker", "vacuum", "jacket"),
-        places=("the online store", "the mall", "the electronics shop", "the market",
-                "the outlet", "the department store", "the hardware store", "the catalog"),
-        prompt_templates=("the {item} from {place}", "the {item} i bought at {place}",
-                          "my new {item} from {place}", "the {item} from {place} last {time}"),
-        aspects=("the battery", "the design", "the delivery", "the manual", "the packaging",
-                 "the price", "the sound", "the screen", "the handle", "the customer service",
-                 "the warranty", "the finish"),
-        subject_verbs=("was", "seemed", "looked", "felt"),
-        aspect_verbs=("was", "seemed", "looked"),
-        positive_adjectives=("clever", "comfortable"),
-        negative_adjectives=("broken", "useless"),
-    ),
-    _Domain(
-        name="movie",
-        items=("drama", "documentary", "musical", "western", "cartoon", "sequel", "mystery",
-               "silent film", "spy film", "space opera", "remake", "biopic"),
-        places=("the downtown cinema", "the film club", "the drive in", "the old theater",
-                "the multiplex", "the art house", "the student club", "the open air cinema"),
-        prompt_templates=("the {item} at {place}", "the new {item} at {place}",
-                          "the {item} we watched at {place}", "the {item} at {place} last {time}"),
-        aspects=("the plot", "the acting", "the soundtrack", "the ending", "the dialogue",
-                 "the script", "the cast", "the pacing", "the camera work", "the lead actor",
-                 "the costumes", "the effects"),
-        subject_verbs=("was", "seemed", "felt"),
-        aspect_verbs=("was", "seemed", "felt"),
-        positive_adjectives=("exciting", "fun"),
-        negative_adjectives=("boring", "dull"),
-    ),
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -196,109 +127,12 @@ class SentimentTask:
         return texts
 
 
-@lru_cache(maxsize=1)
-def _analyzer() -> SentimentIntensityAnalyzer:
-    return SentimentIntensityAnalyzer()
-
-
-def vader_lexicon() -> dict[str, float]:
-    """VADER's word -> valence lexicon (valences in about [-4, 4])."""
-    return _analyzer().lexicon
-
-
-@lru_cache(maxsize=65536)
-def vader_compound(text: str) -> float:
-    """VADER's compound sentiment score of ``text``, in [-1, 1] (the task's gold reward).
-
-    The grammar's prompts contain no lexicon word, so scoring a completion alone or the
-    prompt followed by the completion gives the same number.
-    """
-    return float(_analyzer().polarity_scores(text)["compound"])
-
-
-def _domain_adjectives(domain: _Domain, polarity: int) -> tuple[str, ...]:
-    if polarity > 0:
-        return POSITIVE_ADJECTIVES + domain.positive_adjectives
-    if polarity < 0:
-        return NEGATIVE_ADJECTIVES + domain.negative_adjectives
-    return NEUTRAL_ADJECTIVES
-
-
-def _neutral_fragments() -> list[str]:
-    """Every grammar fragment that must not carry sentiment in VADER's eyes."""
-    fragments = [PROMPT_PREFIX, *NEUTRAL_ADJECTIVES, *TAILS, *_TIMES, *CONNECTIVES]
-    for domain in DOMAINS:
-        fragments += [
-            *domain.items,
-            *domain.places,
-            *domain.aspects,
-            *domain.subject_verbs,
-            *domain.aspect_verbs,
-            *(t.format(item="", place="", time="") for t in domain.prompt_templates),
-        ]
-    return fragments
-
-
-def grammar_vocabulary() -> frozenset[str]:
-    """Every word (and punctuation mark) the grammar can write, prompts and completions."""
-    fragments = [
-        *_neutral_fragments(),
-        *POSITIVE_ADJECTIVES,
-        *NEGATIVE_ADJECTIVES,
-        *MODIFIERS,
-        ",",
-        ".",
-    ]
-    for domain in DOMAINS:
-        fragments += [*domain.positive_adjectives, *domain.negative_adjectives]
-    return frozenset(word for fragment in fragments for word in fragment.split())
-
-
-@lru_cache(maxsize=1)
-def check_word_polarities() -> None:
-    """Check the word lists against VADER's lexicon; raise ``ValueError`` naming any misfit.
-
-    Positive adjectives need valence > 1, negative ones < -1; modifiers must be VADER boosters;
-    every other word of the grammar must be absent from the lexicon, the boosters and the
-    negations (so it scores 0 and modifies nothing).
-    """
-    lexicon = vader_lexicon()
-    problems: list[str] = []
-    positives = {*POSITIVE_ADJECTIVES, *(w for d in DOMAINS for w in d.positive_adjectives)}
-    negatives = {*NEGATIVE_ADJECTIVES, *(w for d in DOMAINS for w in d.negative_adjectives)}
-    problems += [
-        f"positive {w!r} has valence {lexicon.get(w)}"
-        for w in sorted(positives)
-        if lexicon.get(w, 0.0) <= 1.0
-    ]
-    problems += [
-        f"negative {w!r} has valence {lexicon.get(w)}"
-        for w in sorted(negatives)
-        if lexicon.get(w, 0.0) >= -1.0
-    ]
-    problems += [
-        f"modifier {w!r} is not a VADER booster" for w in MODIFIERS if w not in BOOSTER_DICT
-    ]
-    neutral = {word for fragment in _neutral_fragments() for word in fragment.split()}
-    problems += [
-        f"neutral word {w!r} is in VADER's lexicon / boosters / negations"
-        for w in sorted(neutral)
-        if w in lexicon or w in BOOSTER_DICT or w in NEGATE
-    ]
-    if problems:
-        raise ValueError(
-            "the sentiment grammar's word lists do not match this vaderSentiment's lexicon: "
-            + "; ".join(problems)
-            + ". Edit the word lists in zopro_lightning/data/sentiment.py."
-        )
-
-
-def _domain_prompts(domain: _Domain) -> list[str]:
+def _domain_prompts(domain: ReviewDomain) -> list[str]:
     prompts: list[str] = []
     for template, item, place in itertools.product(
         domain.prompt_templates, domain.items, domain.places
     ):
-        times = _TIMES if "{time}" in template else ("",)
+        times = TIMES if "{time}" in template else ("",)
         prompts += [
             f"{PROMPT_PREFIX} " + template.format(item=item, place=place, time=time)
             for time in times
@@ -312,20 +146,20 @@ def all_prompts() -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _prompt_domains() -> dict[str, _Domain]:
+def _prompt_domains() -> dict[str, ReviewDomain]:
     return {prompt: domain for domain in DOMAINS for prompt in _domain_prompts(domain)}
 
 
-def _domain_of(prompt: str) -> _Domain:
+def _domain_of(prompt: str) -> ReviewDomain:
     try:
         return _prompt_domains()[prompt]
     except KeyError:
         raise ValueError(f"{prompt!r} is not a prompt of the sentiment grammar") from None
 
 
-def _clause(rng: random.Random, verb: str, domain: _Domain, polarity: int) -> str:
+def _clause(rng: random.Random, verb: str, domain: ReviewDomain, polarity: int) -> str:
     """``verb [modifier] adjective [and adjective]`` with adjectives of the given polarity."""
-    adjectives = _domain_adjectives(domain, polarity)
+    adjectives = domain_adjectives(domain, polarity)
     words = [verb]
     if polarity != 0 and rng.random() < P_MODIFIER:
         words.append(rng.choice(MODIFIERS))

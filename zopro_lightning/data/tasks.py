@@ -9,7 +9,8 @@
       max_prompt_tokens (counted in n_filtered)  ->  format prompts with the task's template
       ->  split the distinct prompts train/eval (seeded)  ->  SFT examples, pairs, scored rows
 
-Two kinds of data:
+Two kinds of data, the :attr:`~zopro_lightning.data.registry.DatasetSchema.kind` of the task's
+registered schema:
 
 - ``"pairs"`` (``hh_rlhf``, ``tldr``, ``jsonl``): ``train_pairs``/``eval_pairs`` hold
   ``{prompt, chosen, rejected}`` for a Bradley–Terry reward model; ``train_scored`` and
@@ -36,18 +37,16 @@ from typing import Any, Literal
 
 from zopro_lightning.data.preference import (
     drop_identical_pairs,
-    filter_by_prompt_length,
-    format_prompt,
     load_preference_dataset,
     train_eval_split,
 )
+from zopro_lightning.data.prompts import filter_by_prompt_length, format_prompt
+from zopro_lightning.data.registry import DATASETS, PREFERENCE_KINDS, DatasetSchema
 
-__all__ = ["PAIR_TASKS", "SCORE_TASKS", "PreferenceTask", "build_preference_task"]
+__all__ = ["PreferenceTask", "TaskKind", "build_preference_task"]
 
 log = logging.getLogger(__name__)
 
-PAIR_TASKS = frozenset({"hh_rlhf", "tldr", "jsonl"})
-SCORE_TASKS = frozenset({"wmt20_mlqe"})
 TaskKind = Literal["pairs", "scores"]
 
 
@@ -145,12 +144,16 @@ def _distinct(prompts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def _check_args(task: str, eval_fraction: float, max_rows, n_sft, max_prompt_tokens) -> None:
-    if task not in PAIR_TASKS | SCORE_TASKS:
+def _check_args(
+    task: str, eval_fraction: float, max_rows: Any, n_sft: Any, max_prompt_tokens: Any
+) -> DatasetSchema:
+    """The task's schema, once the arguments are known to be valid."""
+    schema = DATASETS.get(task) if isinstance(task, str) else None
+    if schema is None or schema.kind not in PREFERENCE_KINDS:
+        names = sorted(name for name, s in DATASETS.items() if s.kind in PREFERENCE_KINDS)
         raise ValueError(
-            f"unknown preference task {task!r}; choose one of "
-            f"{', '.join(sorted(PAIR_TASKS | SCORE_TASKS))} (prompt-only files are for policy "
-            "learning, not for a preference task)"
+            f"unknown preference task {task!r}; choose one of {', '.join(names)} (prompt-only "
+            "files are for policy learning, not for a preference task)"
         )
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -159,6 +162,145 @@ def _check_args(task: str, eval_fraction: float, max_rows, n_sft, max_prompt_tok
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+    return schema
+
+
+def _without_identical_pairs(
+    records: list[dict[str, Any]], schema: DatasetSchema, name_or_path: str
+) -> tuple[list[dict[str, Any]], int]:
+    """:func:`drop_identical_pairs` for pairs, with a warning when some were dropped;
+    ``(records, 0)`` for scored rows."""
+    if schema.kind != "pairs":
+        return records, 0
+    records, n_identical = drop_identical_pairs(records, name_or_path)
+    if n_identical:
+        log.warning(
+            "%s: %d of %d pairs have chosen == rejected; dropped (nothing to prefer)",
+            name_or_path, n_identical, len(records) + n_identical,
+        )  # fmt: skip
+    return records, n_identical
+
+
+def _bound_prompts(
+    records: list[dict[str, Any]],
+    name_or_path: str,
+    task: str,
+    tokenizer: Any,
+    max_prompt_tokens: int | None,
+    mode: Literal["drop", "truncate"],
+) -> tuple[list[dict[str, Any]], int]:
+    """:func:`filter_by_prompt_length` on the formatted prompts, counted in the tokenizer's
+    tokens (or the tiny model's word-tokenizer tokens), with a logged count; ``(records, 0)``
+    when there is no bound."""
+    if max_prompt_tokens is None:
+        return records, 0
+    n_read = len(records)
+    counter = tokenizer if tokenizer is not None else _WordCounter()
+    unit = "tokens" if tokenizer is not None else "word-tokenizer tokens"
+    try:
+        records, n_filtered = filter_by_prompt_length(
+            records, counter, max_prompt_tokens, mode=mode, task=task
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"dataset {name_or_path} (task {task!r}): {n_read} rows read, all {n_read} "
+            f"filtered out: every prompt is over max_prompt_tokens={max_prompt_tokens} "
+            f"{unit} (prompt_length_mode={mode!r}). Fix: raise "
+            "dataset.task.max_prompt_tokens (or set it to null)"
+            + (", or use dataset.task.prompt_length_mode=truncate" if mode == "drop" else "")
+            + "."
+        ) from err
+    log.info(
+        "%s: %d of %d rows had prompts over %d %s (%s)",
+        name_or_path, n_filtered, n_read, max_prompt_tokens, unit,
+        "dropped" if mode == "drop" else "truncated or dropped",
+    )  # fmt: skip
+    return records, n_filtered
+
+
+def _formatted_rows(
+    records: Sequence[dict[str, Any]], schema: DatasetSchema, tokenizer: Any
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows with formatted prompts and their continuations (pairs: ``chosen``/``rejected``;
+    scores: ``completion``/``score``), and each formatted prompt's template-free text."""
+    rows = []
+    readable: dict[str, str] = {}
+    for record in records:
+        prompt = format_prompt(record, schema.name, tokenizer)
+        readable[prompt] = format_prompt(record, schema.name, None)
+        row = {"prompt": prompt}
+        if schema.kind == "scores":
+            row["completion"] = _continuation(prompt, record["completion"])
+            row["score"] = float(record["score"])
+        else:
+            row["chosen"] = _continuation(prompt, record["chosen"])
+            row["rejected"] = _continuation(prompt, record["rejected"])
+        rows.append(row)
+    return rows, readable
+
+
+def _sft_examples(
+    train: Sequence[dict[str, Any]], kind: str, n_sft: int | None
+) -> list[tuple[str, str]]:
+    """``(prompt, completion)`` for SFT: pairs: every non-empty ``chosen``; scores: the
+    better-scored half of the train rows (non-empty ones); at most ``n_sft`` of them."""
+    if kind == "scores":
+        ranked = sorted(train, key=lambda r: r["score"], reverse=True)
+        sft = [(r["prompt"], r["completion"]) for r in ranked[: (len(ranked) + 1) // 2]]
+        sft = [example for example in sft if example[1].strip()]
+    else:
+        sft = [(r["prompt"], r["chosen"]) for r in train if r["chosen"].strip()]
+    return sft if n_sft is None else sft[:n_sft]
+
+
+def _split_rows(
+    rows: list[dict[str, Any]], name_or_path: str, eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`_split_by_prompt`, with an error that names the dataset and the counts."""
+    try:
+        return _split_by_prompt(rows, eval_fraction, seed)
+    except ValueError as err:
+        raise ValueError(
+            f"{name_or_path}: {len(rows)} rows with {len({r['prompt'] for r in rows})} distinct "
+            f"prompts left after the length bound cannot be split at eval_fraction="
+            f"{eval_fraction} ({err})"
+        ) from err
+
+
+def _task(
+    schema: DatasetSchema,
+    train: list[dict[str, Any]],
+    held_out: list[dict[str, Any]],
+    sft: list[tuple[str, str]],
+    name_or_path: str,
+    *,
+    readable: dict[str, str],
+    n_filtered: int,
+    n_identical: int,
+) -> PreferenceTask:
+    """The :class:`PreferenceTask` of the split rows (pairs or scored rows, by the schema's
+    kind); its sizes are logged."""
+    pairs = schema.kind == "pairs"
+    result = PreferenceTask(
+        train_prompts=_distinct([r["prompt"] for r in train]),
+        eval_prompts=_distinct([r["prompt"] for r in held_out]),
+        sft_examples=sft,
+        train_pairs=train if pairs else [],
+        eval_pairs=held_out if pairs else [],
+        kind="pairs" if pairs else "scores",
+        train_scored=[] if pairs else train,
+        eval_scored=[] if pairs else held_out,
+        n_filtered=n_filtered,
+        n_identical=n_identical,
+        task=schema.name,
+        readable_prompts=readable,
+    )
+    log.info(
+        "%s (%s): %d train / %d eval prompts, %d / %d rows, %d SFT examples",
+        name_or_path, schema.name, len(result.train_prompts), len(result.eval_prompts),
+        len(train), len(held_out), len(sft),
+    )  # fmt: skip
+    return result
 
 
 def build_preference_task(
@@ -181,8 +323,11 @@ def build_preference_task(
     Args:
         name_or_path: hub name (``"Anthropic/hh-rlhf"``; needs the network) or a local
             ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet`` file of the same schema.
-        task: ``"hh_rlhf"``, ``"tldr"``, ``"jsonl"`` (pairs) or ``"wmt20_mlqe"`` (scores).
-        config: hub config (defaults: ``comparisons`` for tldr, ``en-de`` for wmt20_mlqe).
+        task: a registered schema of kind pairs or scores
+            (:data:`~zopro_lightning.data.registry.DATASETS`): ``"hh_rlhf"``, ``"tldr"``,
+            ``"jsonl"`` (pairs) or ``"wmt20_mlqe"`` (scores).
+        config: hub config (default: the schema's, ``comparisons`` for tldr, ``en-de`` for
+            wmt20_mlqe).
         data_dir: hub sub-directory (``"harmless-base"`` for ``Anthropic/hh-rlhf``).
         split: the split to read (slices like ``"train[:1000]"`` work).
         eval_fraction: share of the distinct prompts held out, in (0, 1).
@@ -202,96 +347,18 @@ def build_preference_task(
         FileNotFoundError: a local file that does not exist.
         OSError: a hub dataset that cannot be fetched (offline).
     """
-    _check_args(task, eval_fraction, max_rows, n_sft, max_prompt_tokens)
+    schema = _check_args(task, eval_fraction, max_rows, n_sft, max_prompt_tokens)
     if max_rows is not None:
         split = f"{split.split('[', 1)[0]}[:{max_rows}]"
     records = load_preference_dataset(name_or_path, task, split=split, config=config,
                                       data_dir=data_dir)  # fmt: skip
-    n_identical = 0
-    if task in PAIR_TASKS:
-        records, n_identical = drop_identical_pairs(records, name_or_path)
-        if n_identical:
-            log.warning(
-                "%s: %d of %d pairs have chosen == rejected; dropped (nothing to prefer)",
-                name_or_path, n_identical, len(records) + n_identical,
-            )  # fmt: skip
-    n_read = len(records)
-    n_filtered = 0
-    if max_prompt_tokens is not None:
-        counter = tokenizer if tokenizer is not None else _WordCounter()
-        unit = "tokens" if tokenizer is not None else "word-tokenizer tokens"
-        try:
-            records, n_filtered = filter_by_prompt_length(
-                records, counter, max_prompt_tokens, mode=prompt_length_mode, task=task
-            )
-        except ValueError as err:
-            raise ValueError(
-                f"dataset {name_or_path} (task {task!r}): {n_read} rows read, all {n_read} "
-                f"filtered out: every prompt is over max_prompt_tokens={max_prompt_tokens} "
-                f"{unit} (prompt_length_mode={prompt_length_mode!r}). Fix: raise "
-                "dataset.task.max_prompt_tokens (or set it to null)"
-                + (
-                    ", or use dataset.task.prompt_length_mode=truncate"
-                    if prompt_length_mode == "drop"
-                    else ""
-                )
-                + "."
-            ) from err
-        log.info(
-            "%s: %d of %d rows had prompts over %d %s (%s)",
-            name_or_path, n_filtered, n_read, max_prompt_tokens, unit,
-            "dropped" if prompt_length_mode == "drop" else "truncated or dropped",
-        )  # fmt: skip
-
-    rows = []
-    readable: dict[str, str] = {}
-    for record in records:
-        prompt = format_prompt(record, task, tokenizer)
-        readable[prompt] = format_prompt(record, task, None)
-        row = {"prompt": prompt}
-        if task in SCORE_TASKS:
-            row["completion"] = _continuation(prompt, record["completion"])
-            row["score"] = float(record["score"])
-        else:
-            row["chosen"] = _continuation(prompt, record["chosen"])
-            row["rejected"] = _continuation(prompt, record["rejected"])
-        rows.append(row)
-    try:
-        train, held_out = _split_by_prompt(rows, eval_fraction, seed)
-    except ValueError as err:
-        raise ValueError(
-            f"{name_or_path}: {len(rows)} rows with {len({r['prompt'] for r in rows})} distinct "
-            f"prompts left after the length bound cannot be split at eval_fraction="
-            f"{eval_fraction} ({err})"
-        ) from err
-
-    if task in SCORE_TASKS:
-        ranked = sorted(train, key=lambda r: r["score"], reverse=True)
-        sft = [(r["prompt"], r["completion"]) for r in ranked[: (len(ranked) + 1) // 2]]
-        sft = [example for example in sft if example[1].strip()]
-    else:
-        sft = [(r["prompt"], r["chosen"]) for r in train if r["chosen"].strip()]
-    if n_sft is not None:
-        sft = sft[:n_sft]
-
-    pairs = task in PAIR_TASKS
-    result = PreferenceTask(
-        train_prompts=_distinct([r["prompt"] for r in train]),
-        eval_prompts=_distinct([r["prompt"] for r in held_out]),
-        sft_examples=sft,
-        train_pairs=train if pairs else [],
-        eval_pairs=held_out if pairs else [],
-        kind="pairs" if pairs else "scores",
-        train_scored=[] if pairs else train,
-        eval_scored=[] if pairs else held_out,
-        n_filtered=n_filtered,
-        n_identical=n_identical,
-        task=task,
-        readable_prompts=readable,
+    records, n_identical = _without_identical_pairs(records, schema, name_or_path)
+    records, n_filtered = _bound_prompts(
+        records, name_or_path, task, tokenizer, max_prompt_tokens, prompt_length_mode
     )
-    log.info(
-        "%s (%s): %d train / %d eval prompts, %d / %d rows, %d SFT examples",
-        name_or_path, task, len(result.train_prompts), len(result.eval_prompts),
-        len(train), len(held_out), len(sft),
+    rows, readable = _formatted_rows(records, schema, tokenizer)
+    train, held_out = _split_rows(rows, name_or_path, eval_fraction, seed)
+    return _task(
+        schema, train, held_out, _sft_examples(train, schema.kind, n_sft), name_or_path,
+        readable=readable, n_filtered=n_filtered, n_identical=n_identical,
     )  # fmt: skip
-    return result
