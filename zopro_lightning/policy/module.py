@@ -308,7 +308,12 @@ class ZOPrOModule(LightningModule):
         return trainable <= 0.1 * total
 
     def total_policy_updates(self) -> int:
-        """Policy updates this ``fit`` will make (``max_steps`` when set)."""
+        """Policy updates of the coming phase: :attr:`phase_horizon` when a callback sets it
+        (``ZOPrOIterations``: the updates left in the current iteration), else those this
+        ``fit`` will make (``max_steps`` when set). The sampler's decay and the learning-rate
+        schedule run over it."""
+        if getattr(self, "phase_horizon", None):
+            return int(self.phase_horizon)
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
         batches = self.trainer.estimated_stepping_batches
