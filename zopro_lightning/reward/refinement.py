@@ -8,7 +8,10 @@ current policy; the judge says which is better, and the judged pairs train the r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,3 +112,137 @@ def keep_close_merge(model: nn.Module, previous: Mapping[str, Tensor], alpha: fl
     for name, param in model.named_parameters():
         if param.requires_grad and name in previous:
             param.mul_(1.0 - alpha).add_(previous[name].to(param), alpha=alpha)
+
+
+#: counters a judge may keep (the LLM judge's unparseable and inconsistent answers, the file
+#: judge's missing pairs); refinement keeps them as totals over ranks
+JUDGE_COUNTERS = ("n_queries", "n_unparseable", "n_inconsistent", "n_identical", "n_missing")
+
+
+def judge_counts(judge: Any) -> dict[str, int]:
+    """The judge's counters of :data:`JUDGE_COUNTERS` it has, by attribute name."""
+    return {
+        name: int(getattr(judge, name))
+        for name in JUDGE_COUNTERS
+        if isinstance(getattr(judge, name, None), int)
+    }
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """How the reward model is refined on judged pairs (first-order, Bradley–Terry).
+
+    Attributes:
+        epochs: passes over the judged pairs.
+        lr: AdamW learning rate.
+        batch_size: pairs per step.
+        keep_close_alpha: ``alpha`` of the keep-close merge
+            ``phi <- alpha * phi_prev + (1 - alpha) * phi_new`` (``None``: no merge).
+        warmup_fraction: of the steps, the learning rate's linear warm-up.
+    """
+
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    keep_close_alpha: float | None = None
+    warmup_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"refinement epochs and batch_size must be >= 1, got {self.epochs} and "
+                f"{self.batch_size}."
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"refinement lr must be finite and > 0, got {self.lr}.")
+        if self.keep_close_alpha is not None and not 0.0 <= self.keep_close_alpha <= 1.0:
+            raise ValueError(f"keep_close_alpha must lie in [0, 1], got {self.keep_close_alpha}.")
+
+
+class RewardRefinement:
+    """Refines a reward model on the policy's own judged completions (docs/algorithm.md §2.5).
+
+    ``refinement(reward, module, records, trainer)`` judges each record's stored completion
+    against a fresh one of ``module``'s policy, trains ``reward`` on the judged pairs and applies
+    the keep-close merge; returns ``{"pairs", "judged", "dropped"}``. Under DDP (``trainer``
+    with several processes) each rank judges its own records, every rank trains on every
+    rank's pairs, and the judge's counters are totals over ranks.
+
+    Args:
+        judge: ``judge(prompts, first, second) -> Tensor[N]`` (1: first better, 0: second,
+            NaN: undecided).
+        settings: epochs, learning rate, batch size, keep-close ``alpha``.
+        trainer_factory: ``factory(max_epochs=...) -> Trainer`` for the reward model's fit
+            (default: a quiet CPU/GPU ``Trainer`` without loggers or checkpoints).
+        seed: seeds the shuffling of the judged pairs.
+        progress: progress bars for the fresh completions and the judging.
+    """
+
+    def __init__(
+        self,
+        judge: Judge,
+        settings: RefinementSettings | None = None,
+        trainer_factory: Callable[..., Any] | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.judge = judge
+        self.settings = settings or RefinementSettings()
+        self.trainer_factory = trainer_factory or quiet_trainer
+        self.seed = seed
+        self.progress = progress
+
+    def __call__(
+        self, reward: Any, module: Any, records: Sequence[tuple[str, str]], trainer: Any = None
+    ) -> dict[str, int]:
+        from zopro_lightning.models.loading import trainable_state
+        from zopro_lightning.reward.training import fit_reward_model
+
+        pairs, judged = self.judged(module, records, trainer)
+        before = trainable_state(reward.model)
+        settings = self.settings
+        if pairs:
+            fit_reward_model(
+                reward,
+                pairs,
+                self.trainer_factory(max_epochs=settings.epochs),
+                loss="bradley_terry",
+                lr=settings.lr,
+                batch_size=settings.batch_size,
+                warmup_fraction=settings.warmup_fraction,
+                seed=self.seed,
+            )
+        if settings.keep_close_alpha is not None:
+            keep_close_merge(reward.model, before, settings.keep_close_alpha)
+        return {"pairs": len(pairs), "judged": judged, "dropped": judged - len(pairs)}
+
+    def judged(
+        self, module: Any, records: Sequence[tuple[str, str]], trainer: Any = None
+    ) -> tuple[list[dict[str, str]], int]:
+        """``(pairs, judged)``: every rank's judged pairs and how many records were judged."""
+        from zopro_lightning.utils.distributed import gather_objects, is_multi_process
+
+        judge = self.judge
+        inner = judge.judge if isinstance(judge, ReadablePromptJudge) else judge  # counters
+        counts_before = judge_counts(inner)
+        pairs = judged_pairs(module, judge, records, progress=self.progress)
+        if trainer is None or not is_multi_process(trainer):
+            return pairs, len(records)
+        shares = gather_objects([(len(records), judge_counts(inner))], trainer)
+        for name, count in counts_before.items():  # the judge's counters: totals again
+            setattr(inner, name, count + sum(c[name] - count for _, c in shares))
+        return gather_objects(pairs, trainer), sum(n for n, _ in shares)
+
+
+def quiet_trainer(**options: Any) -> Any:
+    """A ``Trainer`` for a reward-model fit inside another fit: no loggers, checkpoints, model
+    summary or progress bar; the accelerator Lightning picks."""
+    import lightning as L
+
+    defaults = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+    }
+    return L.Trainer(**(defaults | options))

@@ -13,7 +13,7 @@ code that scores completions during policy learning.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +152,31 @@ class RewardModelModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def fit_reward_model(
+    reward: HFRewardModel,
+    rows: Sequence[dict],
+    trainer: Any,
+    *,
+    loss: RewardLoss = "bradley_terry",
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    warmup_fraction: float = 0.0,
+    seed: int = 0,
+) -> None:
+    """First-order training of ``reward`` on pairs (``bradley_terry``) or scored rows
+    (``mse``) with ``trainer`` (its ``max_epochs`` sets the epochs), shuffled by a generator
+    seeded with ``seed``; the loader's position is part of any checkpoint."""
+    from zopro_lightning.data.resumable import ResumableDataLoader
+
+    module = RewardModelModule(reward, loss=loss, lr=lr, warmup_fraction=warmup_fraction)
+    loader = ResumableDataLoader(
+        list(rows),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=ScoreCollator(reward) if loss == "mse" else PairCollator(reward),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    trainer.fit(module, loader)
+    reward.model.eval()

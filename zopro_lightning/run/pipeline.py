@@ -479,6 +479,19 @@ class Pipeline:
         reward.model.eval()
         self.to_device(reward.model)
 
+    def policy_module_for(self, policy: torch.nn.Module, reward: HFRewardModel) -> ZOPrOModule:
+        """The ``ZOPrOModule`` of the config: ``policy`` scored by ``reward``, with the
+        ``sampler`` group's sampler and the ``policy`` block's settings."""
+        cfg = self.cfg
+        return ZOPrOModule(
+            policy,
+            self.tokenizer,
+            reward,
+            instantiate(cfg.sampler.sampler),
+            seed=cfg.seed,
+            **OmegaConf.to_container(cfg.policy, resolve=True),
+        )
+
     def reward_model_quality(self, reward: HFRewardModel, suffix: str = "") -> None:
         """Held-out accuracy (pairs) or Pearson/Spearman (scores) into the summary."""
         limit = self.cfg.eval.get("max_pairs")
@@ -587,16 +600,9 @@ class Pipeline:
         self.to_device(reward.model)
         self.seed_phase("policy")
         policy = self.model_spec.with_lora(sft_model)
-        sampler = instantiate(cfg.sampler.sampler)
         iterations = cfg.loop.iterations
-        self.policy_module = ZOPrOModule(
-            policy,
-            self.tokenizer,
-            reward,
-            sampler,
-            seed=cfg.seed,
-            **OmegaConf.to_container(cfg.policy, resolve=True),
-        )
+        self.policy_module = self.policy_module_for(policy, reward)
+        sampler = self.policy_module.sampler
         key = self.eval_key
         if started is None:
             self.summary[f"{key}_initial"] = self.evaluate(policy)
