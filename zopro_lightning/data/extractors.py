@@ -1,8 +1,9 @@
-"""Row extractors: one pure function per public dataset schema (DESIGN.md §4).
+"""Row extractors: one pure function per public dataset schema (docs/algorithm.md §4).
 
 Each extractor turns one raw row (a ``dict`` as yielded by ``datasets`` or read from a
 JSONL line) into a normalised record and raises ``ValueError`` naming the missing or
-invalid column, and the schema it expected, when the row is malformed.
+invalid column, and the schema it expected, when the row is malformed. Each is the
+``extract`` of its dataset's schema in :mod:`zopro_lightning.data.registry`.
 
 Records produced:
 

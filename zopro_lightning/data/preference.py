@@ -1,6 +1,6 @@
 """Preference data: load a dataset of a registered schema, check it, split it.
 
-The pipeline a datamodule runs (DESIGN.md §4)::
+The pipeline a datamodule runs (docs/algorithm.md §4)::
 
     records = load_preference_dataset("Anthropic/hh-rlhf", "hh_rlhf", split="train")
     records, n_cut = filter_by_prompt_length(records, tok, max_prompt_tokens=256,

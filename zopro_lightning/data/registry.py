@@ -1,4 +1,4 @@
-"""The dataset registry: one :class:`DatasetSchema` per dataset, kept in :data:`DATASETS`.
+r"""The dataset registry: one :class:`DatasetSchema` per dataset, kept in :data:`DATASETS`.
 
 Adding a dataset
 ----------------
@@ -19,7 +19,7 @@ has rows ``{"question": str, "good": str, "bad": str}``.
        register(DatasetSchema(
            name="acme_qa", kind="pairs", extract=extract_acme,
            required_columns=("question", "good", "bad"),
-           prompt_template="Question: {prompt}\\nAnswer:",
+           prompt_template="Question: {prompt}\nAnswer:",
            hub_name="acme/qa-prefs", splits=("train", "test"),
        ))
 
@@ -34,7 +34,7 @@ has rows ``{"question": str, "good": str, "bad": str}``.
        def test_acme_qa(tmp_path):
            rows = [{"question": f"q{i}?", "good": "yes", "bad": "no"} for i in range(10)]
            path = tmp_path / "acme.jsonl"
-           path.write_text("".join(json.dumps(row) + "\\n" for row in rows))
+           path.write_text("".join(json.dumps(row) + "\n" for row in rows))
            task = build_preference_task(str(path), "acme_qa")
            assert task.train_pairs[0]["prompt"].startswith("Question: q")
 
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from string import Formatter
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -149,15 +150,19 @@ class DatasetSchema:
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{where}: {field_name} must be a tuple of strings")
         if self.prompt_template is not None:
+            template = self.prompt_template
             try:
-                self.prompt_template.format(prompt="")
-            except (IndexError, KeyError, ValueError) as err:
+                fields = {f for _, f, _, _ in Formatter().parse(template) if f is not None}
+            except ValueError as err:
                 raise ValueError(
-                    f"{where}: prompt_template {self.prompt_template!r} is not a str.format "
-                    f"template with one {{prompt}} field ({err!r}); write other braces twice"
+                    f"{where}: prompt_template {template!r} is not a str.format template "
+                    f"({err}); write literal braces twice"
                 ) from None
-            if "{prompt}" not in self.prompt_template:
-                raise ValueError(f"{where}: prompt_template has no {{prompt}} field")
+            if fields != {"prompt"}:
+                raise ValueError(
+                    f"{where}: prompt_template {template!r} must have exactly one field, "
+                    f"{{prompt}} (found {sorted(fields)}); write literal braces twice"
+                )
 
 
 _REGISTRY: dict[str, DatasetSchema] = {}

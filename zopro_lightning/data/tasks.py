@@ -1,4 +1,4 @@
-"""Published preference datasets as tasks for the pipeline (DESIGN.md §4).
+"""Published preference datasets as tasks for the pipeline (docs/algorithm.md §4).
 
 :func:`build_preference_task` turns a hub dataset or a local file of the same schema into a
 :class:`PreferenceTask`, the same shape as :class:`~zopro_lightning.data.sentiment.SentimentTask`
