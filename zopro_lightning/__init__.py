@@ -17,6 +17,10 @@ _EXPORTS = {
     "GaussianSampler": "zopro_lightning.zo.samplers",
     "RademacherSampler": "zopro_lightning.zo.samplers",
     "ZOPrOSampler": "zopro_lightning.zo.samplers",
+    "ZOPrOIterations": "zopro_lightning.callbacks.zopro",
+    "IterationSchedule": "zopro_lightning.callbacks.zopro",
+    "RewardRefinement": "zopro_lightning.reward.refinement",
+    "RefinementSettings": "zopro_lightning.reward.refinement",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
