@@ -524,3 +524,15 @@ def test_cli_with_only_policy_snapshots_and_no_html(tmp_path: Path) -> None:
     assert names == {"trajectory_pca_2d.png", "interplay.json"}
     assert "needs both" in json.loads((tmp_path / "plots" / "interplay.json").read_text())["error"]
     assert main([str(tmp_path), "--methods", "lda"]) == 2
+
+
+def test_tsne_in_3d_of_points_spanning_two_directions_starts_from_a_random_layout():
+    """A short run: 5 points in a plane; t-SNE's PCA start would need 3 directions."""
+    from zopro_lightning.interplay.projections import embed
+
+    rng = np.random.default_rng(0)
+    plane = rng.normal(size=(5, 2)) @ rng.normal(size=(2, 30))
+    coords, labels, used = embed(plane, "tsne", 3)
+    assert used == "tsne" and coords.shape == (5, 3) and np.isfinite(coords).all()
+    again, _, _ = embed(plane, "tsne", 3)
+    np.testing.assert_allclose(coords, again)  # seeded

@@ -107,10 +107,13 @@ def embed(
     if method == "tsne":
         from sklearn.manifold import TSNE
 
+        # the PCA start needs ``dims`` directions of spread; points spanning fewer (a short
+        # run) start from a seeded random layout instead
+        start = "pca" if min(reduced.shape) >= dims else "random"
         tsne = TSNE(
             n_components=dims,
             perplexity=min(30.0, (n - 1) / 3.0),
-            init="pca",
+            init=start,
             learning_rate="auto",
             random_state=seed,
             method="exact" if n <= 500 else "barnes_hut",
