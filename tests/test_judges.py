@@ -10,13 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from zopro_lightning.reward.judges import (
-    FileJudge,
-    LLMJudge,
-    PairwiseJudge,
-    RewardJudge,
-    parse_choice,
-)
+from zopro_lightning.reward.judge_protocol import PairwiseJudge
+from zopro_lightning.reward.judges import FileJudge, LLMJudge, RewardJudge
+from zopro_lightning.reward.llm_judge import parse_choice
 
 from .conftest import whitespace_tokenizer
 
@@ -349,3 +345,21 @@ def test_judging_in_chunks_gives_the_labels_of_one_call(capsys):
     assert "judging" in capsys.readouterr().out  # the bar, when asked for
     judge_in_chunks(judge, prompts, first, second, 3, progress=None)
     assert capsys.readouterr().out == ""
+
+
+def test_judge_config_targets_resolve():
+    """conf/judge/*.yaml name ``zopro_lightning.reward.judges.<Judge>`` (the LLM judge, which
+    lives in reward/llm_judge.py, through ``LLMJudge.from_pretrained``)."""
+    from pathlib import Path
+
+    import yaml
+    from hydra.utils import get_method
+
+    from zopro_lightning.reward import judges, llm_judge
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "judge"
+    targets = {yaml.safe_load(p.read_text())["judge"]["_target_"] for p in conf.glob("*.yaml")}
+    assert "zopro_lightning.reward.judges.LLMJudge.from_pretrained" in targets
+    for target in targets:
+        assert callable(get_method(target))
+    assert judges.LLMJudge is llm_judge.LLMJudge

@@ -251,3 +251,22 @@ def test_per_tensor_coefficients_span_the_blocks_of_mu():
     assert min(ratios) < 0 < max(ratios) and len({round(r, 6) for r in ratios}) == len(ratios)
     with pytest.raises(ValueError, match="coefficients"):
         ZOPrOSampler(coefficients="blocks")
+
+
+def test_sampler_config_targets_resolve_to_the_sampler_classes():
+    """conf/sampler/*.yaml name ``zopro_lightning.zo.samplers.<Class>``; ZOPrOSampler lives in
+    zo/zopro_sampler.py and canonical_name in zo/directions.py, both re-exported there."""
+    from pathlib import Path
+
+    import yaml
+    from hydra.utils import get_class
+
+    from zopro_lightning.zo import directions, samplers, zopro_sampler
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+    targets = {yaml.safe_load(p.read_text())["sampler"]["_target_"] for p in conf.glob("*.yaml")}
+    assert "zopro_lightning.zo.samplers.ZOPrOSampler" in targets
+    for target in targets:
+        assert isinstance(get_class(target)(), PerturbationSampler)
+    assert samplers.ZOPrOSampler is zopro_sampler.ZOPrOSampler
+    assert samplers.canonical_name is directions.canonical_name
