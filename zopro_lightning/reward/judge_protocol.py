@@ -23,9 +23,7 @@ class PairwiseJudge(Protocol):
     ) -> torch.Tensor: ...
 
 
-def pair_batch_size(
-    prompts: Sequence[str], first: Sequence[str], second: Sequence[str]
-) -> int:
+def pair_batch_size(prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> int:
     """``B = len(prompts)``, after checking that ``first`` and ``second`` have ``B`` entries too.
 
     Raises:

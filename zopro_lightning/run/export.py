@@ -59,6 +59,7 @@ def replace_directory(run_dir: Path, name: str, write: Callable[[Path], None]) -
 
 
 def is_lora(policy: Any) -> bool:
+    """Whether ``policy`` is a PEFT model (an adapter over a base)."""
     from peft import PeftModel
 
     return isinstance(policy, PeftModel)
@@ -132,6 +133,7 @@ def push_to_hub(model: Any, tokenizer: Any, policy_dir: Path, repo_id: str) -> N
 
 # -- model cards ---------------------------------------------------------------------------
 def card_metadata(base_model: str, library_name: str) -> str:
+    """The card's YAML front matter: library, base model, pipeline tag and tags."""
     metadata = {
         "library_name": library_name,
         "base_model": base_model,
@@ -168,17 +170,21 @@ def results_table(summary: Mapping[str, Any]) -> list[str]:
 
 
 def number(value: Any) -> str:
+    """A float with four decimals; anything else as ``str`` gives it."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def model_card(cfg: DictConfig, summary: Mapping[str, Any], run_dir: Path) -> str:
-    """``RUN_DIR/policy/README.md``: metadata, then what was trained how, and what it scored."""
+def training_settings(
+    cfg: DictConfig, summary: Mapping[str, Any], run_dir: Path
+) -> list[tuple[str, Any]]:
+    """``(setting, value)`` rows of the card's Training table: task, models, schedule,
+    sampler, loop sizes, learning rates, SPSA, KL penalty, judge and seed."""
     loop, policy = cfg.loop, cfg.policy
     schedule = summary.get("optimizer") or loop.get("schedule")
     steps = f"{loop.steps_per_iteration} updates each"
     if str(schedule).startswith("first_order") and loop.get("first_order_steps"):
         steps += f" ({loop.first_order_steps} in the first-order iteration 0)"
-    settings = [
+    return [
         ("task", summary.get("task", cfg.dataset.name)),
         ("started from", cfg.model.get("name_or_path") or "a tiny Llama built from its config"),
         ("SFT model (the reference policy)", run_dir / SFT),
@@ -195,11 +201,36 @@ def model_card(cfg: DictConfig, summary: Mapping[str, Any], run_dir: Path) -> st
         ("judge of refinement pairs", cfg.judge.get("name", "?")),
         ("seed", cfg.seed),
     ]
-    finals = [
+
+
+def final_results(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The end-of-run values of the summary the card lists under its results table."""
+    return [
         (key, summary[key])
         for key in ("reward_model_accuracy", "kl_final", "policy_steps", "wall_seconds")
         if key in summary
     ]
+
+
+def usage_lines(run_dir: Path) -> list[str]:
+    """The card's Use section: loading ``RUN_DIR/policy``, or ``zopro-generate``."""
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{run_dir / POLICY}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{run_dir / POLICY}")',
+        "```",
+        "",
+        f'or `zopro-generate {run_dir} "a prompt"`.',
+        "",
+    ]
+
+
+def model_card(cfg: DictConfig, summary: Mapping[str, Any], run_dir: Path) -> str:
+    """``RUN_DIR/policy/README.md``: metadata, then what was trained how, and what it scored."""
     lines = [
         card_metadata(original_model(cfg, run_dir), "transformers"),
         f"# ZOPrO policy: {summary.get('task', cfg.dataset.name)}",
@@ -214,30 +245,21 @@ def model_card(cfg: DictConfig, summary: Mapping[str, Any], run_dir: Path) -> st
         "",
         "| setting | value |",
         "|---|---|",
-        *(f"| {name} | {value} |" for name, value in settings),
+        *(f"| {name} | {value} |" for name, value in training_settings(cfg, summary, run_dir)),
         "",
         "## Results",
         "",
         *results_table(summary),
         "",
-        *(f"- {key}: {number(value)}" for key, value in finals),
+        *(f"- {key}: {number(value)}" for key, value in final_results(summary)),
         "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{run_dir / POLICY}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{run_dir / POLICY}")',
-        "```",
-        "",
-        f'or `zopro-generate {run_dir} "a prompt"`.',
-        "",
+        *usage_lines(run_dir),
     ]
     return "\n".join(lines)
 
 
 def adapter_model_card(cfg: DictConfig, base: Path, run_dir: Path) -> str:
+    """``RUN_DIR/policy_adapter/README.md``: metadata and where the base and merged model are."""
     return "\n".join(
         [
             card_metadata(str(base), "peft"),

@@ -42,9 +42,7 @@ def _check_settings(
             f"ZOPrOSampler: unknown decay {decay!r}; use 'linear', 'exp' or 'constant'."
         )
     if not 0.0 <= initial_decay <= 1.0:
-        raise ValueError(
-            f"ZOPrOSampler: initial_decay must lie in [0, 1], got {initial_decay}."
-        )
+        raise ValueError(f"ZOPrOSampler: initial_decay must lie in [0, 1], got {initial_decay}.")
     if total_steps is not None and total_steps <= 0:
         raise ValueError(f"ZOPrOSampler: total_steps must be positive, got {total_steps}.")
     if not 0.0 <= smoothing < 1.0:
