@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = module.trainable_parameters
     names = list(params)
     batch = cfg.loop.batch_size
-    start = pipeline.steps_of(args.iteration) * batch * (args.iteration + 1)
+    start = pipeline.schedule.updates_of(args.iteration) * batch * (args.iteration + 1)
     prompts = list(pipeline.task.train_prompts)
 
     def flat(tensors) -> torch.Tensor:

@@ -142,11 +142,19 @@ class RecordingPipeline(pipeline_module.Pipeline):
         Pause.at(f"iteration_{t}")
 
     def refine(
-        self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list[tuple[str, str]]
+        self,
+        reward: HFRewardModel,
+        policy_module: ZOPrOModule,
+        records: list[tuple[str, str]],
+        trainer: Any = None,
     ) -> dict[str, int]:
+        from zopro_lightning.reward import refinement as refinement_module
+        from zopro_lightning.reward import training as training_module
+
         entry: dict[str, Any] = {"records": len(records), "prompts": [p for p, _ in records]}
         self.refinements.append(entry)
-        judged_pairs = pipeline_module.judged_pairs
+        judged_pairs = refinement_module.judged_pairs
+        fit_reward_model = training_module.fit_reward_model
 
         def counted(
             module: ZOPrOModule, judge: Any, records_: list, **kwargs: Any
@@ -155,19 +163,17 @@ class RecordingPipeline(pipeline_module.Pipeline):
             entry["pairs"] = len(pairs)
             return pairs
 
-        fit_reward_model = self.fit_reward_model
-
-        def recorded(reward_: HFRewardModel, rows: Sequence[dict], **kwargs: Any) -> None:
+        def recorded(reward_: HFRewardModel, rows: Sequence[dict], *args: Any, **kw: Any) -> None:
             entry["trained_on"] = list(rows)  # what the reward model is refined on
-            fit_reward_model(reward_, rows, **kwargs)
+            fit_reward_model(reward_, rows, *args, **kw)
 
-        pipeline_module.judged_pairs = counted
-        self.fit_reward_model = recorded
+        refinement_module.judged_pairs = counted
+        training_module.fit_reward_model = recorded
         try:
-            entry["returned"] = super().refine(reward, policy_module, records)
+            entry["returned"] = super().refine(reward, policy_module, records, trainer)
         finally:
-            pipeline_module.judged_pairs = judged_pairs
-            del self.fit_reward_model
+            refinement_module.judged_pairs = judged_pairs
+            training_module.fit_reward_model = fit_reward_model
         return entry["returned"]
 
 

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.test_cli import SMALL as CLI_SMALL
-from zopro_lightning.run.pipeline import Pipeline, iteration_optimizer, run_pipeline
+from zopro_lightning.run.pipeline import iteration_schedule, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 #: test_cli's small run, with a first-order iteration 0 of its own length, no checkpoints,
@@ -31,16 +31,20 @@ def config(*overrides: str):
         return compose("config", overrides=["~logger", *SMALL, *overrides])
 
 
-def test_iteration_optimizer_follows_the_schedule():
-    assert [iteration_optimizer("first_order_then_zeroth_order", t) for t in range(3)] == [
+def test_the_iteration_schedule_follows_loop_schedule():
+    optimizers = {
+        name: [iteration_schedule(config(f"loop.schedule={name}")).optimizer(t) for t in range(3)]
+        for name in ("first_order_then_zeroth_order", "first_order", "zeroth_order")
+    }
+    assert optimizers["first_order_then_zeroth_order"] == [
         "first_order",
         "zeroth_order",
         "zeroth_order",
     ]
-    assert {iteration_optimizer("first_order", t) for t in range(3)} == {"first_order"}
-    assert {iteration_optimizer("zeroth_order", t) for t in range(3)} == {"zeroth_order"}
+    assert set(optimizers["first_order"]) == {"first_order"}
+    assert set(optimizers["zeroth_order"]) == {"zeroth_order"}
     with pytest.raises(ValueError, match="loop.schedule must be one of"):
-        iteration_optimizer("zo_first", 0)
+        iteration_schedule(config("loop.schedule=zo_first"))
 
 
 @pytest.mark.slow
@@ -65,37 +69,27 @@ def test_schedule_sets_each_iterations_optimizer(tmp_path, schedule, expected, s
     assert written["optimizer"] == schedule
 
 
-def test_zeroth_order_phase_takes_the_samplers_own_lr_eps_and_schedule(tmp_path):
+def test_zeroth_order_phase_takes_the_samplers_own_lr_eps_and_schedule():
     cfg = config(
         "sampler.lr=0.02",
         "sampler.eps=0.004",
         "loop.zeroth_order_lr_schedule=linear",
         "policy.lr_schedule=constant",
     )
-    pipeline = Pipeline(cfg, tmp_path)
-    from zopro_lightning.policy.module import ZOPrOModule
-
-    class Stub(ZOPrOModule):
-        def __init__(self):  # only what set_optimizer touches
-            import lightning as L
-
-            L.LightningModule.__init__(self)
-            self.save_hyperparameters(
-                {"optimizer": "first_order", "lr": 1.0, "eps": 1e-3, "k": 2, "temperature": 1.0,
-                 "num_perturbations": 1, "accumulate_batches": 1, "lr_schedule": "constant"}
-            )
-
-    pipeline.policy_module = Stub()
-    assert pipeline.set_phase_optimizer(1) == "zeroth_order"
-    h = pipeline.policy_module.hparams
-    assert (h.optimizer, h.lr, h.eps, h.lr_schedule) == ("zeroth_order", 0.02, 0.004, "linear")
-    assert pipeline.set_phase_optimizer(0) == "first_order"
-    assert (h.optimizer, h.lr) == ("first_order", cfg.loop.first_order_lr)
-    assert h.lr_schedule == "constant"
-    # without its own lr the sampler steps with loop.zeroth_order_lr
-    pipeline.cfg = config()
-    pipeline.set_phase_optimizer(1)
-    assert h.lr == pipeline.cfg.loop.zeroth_order_lr and h.eps == pipeline.cfg.policy.eps
+    schedule = iteration_schedule(cfg)
+    assert schedule.optimizer_settings(1) == (
+        "zeroth_order",
+        {"lr": 0.02, "eps": 0.004, "lr_schedule": "linear"},
+    )
+    assert schedule.optimizer_settings(0) == (
+        "first_order",
+        {"lr": cfg.loop.first_order_lr, "lr_schedule": "constant"},
+    )
+    # without its own lr and eps the sampler steps with loop.zeroth_order_lr and the module's eps
+    plain = iteration_schedule(config())
+    assert plain.optimizer_settings(1)[1]["lr"] == plain.zeroth_order_lr
+    assert plain.zeroth_order_lr == config().loop.zeroth_order_lr
+    assert "eps" not in plain.optimizer_settings(1)[1]
 
 
 @pytest.mark.slow

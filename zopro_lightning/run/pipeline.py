@@ -52,18 +52,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
-from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.callbacks.run_progress import PhaseProgressBar, RunProgress
+from zopro_lightning.callbacks.zopro import IterationSchedule, ZOPrOIterations
 from zopro_lightning.data.resumable import ResumableDataLoader
 from zopro_lightning.models.loading import (
     load_sequence_classifier,
-    state_difference,
     trainable_state,
 )
 from zopro_lightning.policy.module import ZOPrOModule
 from zopro_lightning.reward.callables import HFRewardModel
-from zopro_lightning.reward.refinement import ReadablePromptJudge, judged_pairs, keep_close_merge
-from zopro_lightning.reward.training import PairCollator, RewardModelModule, ScoreCollator
+from zopro_lightning.reward.refinement import (
+    JUDGE_COUNTERS,
+    ReadablePromptJudge,
+    RefinementSettings,
+    RewardRefinement,
+    judge_counts,
+)
+from zopro_lightning.reward.training import fit_reward_model
 from zopro_lightning.run.config_schema import validate_config
 from zopro_lightning.run.evaluation import (
     paired_difference_stderr,
@@ -90,7 +95,7 @@ from zopro_lightning.utils.checkpointing import (
     ensure_writable,
     resumable_checkpoint,
 )
-from zopro_lightning.utils.distributed import gather_objects, is_multi_process
+from zopro_lightning.utils.distributed import is_multi_process
 from zopro_lightning.utils.memory import peak_rss_mb
 from zopro_lightning.zo.spsa import derive_seed
 
@@ -131,24 +136,24 @@ def batch_size_per_rank(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-SCHEDULES = ("first_order_then_zeroth_order", "first_order", "zeroth_order")
 
 
-def iteration_optimizer(schedule: str, t: int) -> str:
-    """``"first_order"`` or ``"zeroth_order"``: how iteration ``t`` of ``schedule`` learns.
-
-    ``first_order_then_zeroth_order`` (as published): first-order RLOO in iteration 0, ZOPrO
-    after; ``first_order``: every iteration first-order (the paper's baseline);
-    ``zeroth_order``: every iteration zeroth-order (iteration 0 with isotropic directions).
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"loop.schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "first_order" or (schedule == "first_order_then_zeroth_order" and t == 0):
-        return "first_order"
-    return "zeroth_order"
-
-
-JUDGE_COUNTERS = ("n_queries", "n_unparseable", "n_inconsistent", "n_identical", "n_missing")
+def iteration_schedule(cfg: DictConfig) -> IterationSchedule:
+    """The run's :class:`IterationSchedule` from ``loop`` (the schedule, updates, learning rates)
+    and the sampler's own ``sampler.lr`` / ``sampler.eps`` when it sets them (a targeted and
+    an isotropic sampler do not step on the same scale)."""
+    loop, sampler = cfg.loop, cfg.sampler
+    return IterationSchedule(
+        iterations=int(loop.iterations),
+        updates=int(loop.steps_per_iteration),
+        schedule=str(loop.schedule),
+        first_order_updates=loop.get("first_order_steps"),
+        first_order_lr=float(loop.first_order_lr),
+        zeroth_order_lr=float(sampler.get("lr") or loop.zeroth_order_lr),
+        zeroth_order_eps=sampler.get("eps"),
+        lr_schedule=str(cfg.policy.lr_schedule),
+        zeroth_order_lr_schedule=loop.get("zeroth_order_lr_schedule"),
+    )
 
 
 def judge_source(judge_cfg: DictConfig) -> str | None:
@@ -166,15 +171,6 @@ def judge_counters(judge: Any) -> dict[str, int]:
     """The judge's cumulative counters as ``judge_<counter>`` summary entries (the LLM
     judge's unparseable answers and inconsistent pairs; the file judge's missing pairs)."""
     return {f"judge_{name[2:]}": count for name, count in judge_counts(judge).items()}
-
-
-def judge_counts(judge: Any) -> dict[str, int]:
-    """The judge's counters of :data:`JUDGE_COUNTERS` it has, by attribute name."""
-    return {
-        name: int(getattr(judge, name))
-        for name in JUDGE_COUNTERS
-        if isinstance(getattr(judge, name, None), int)
-    }
 
 
 def finite_or_null(value: Any) -> Any:
@@ -263,7 +259,8 @@ class Pipeline:
                 "has no gold_reward; use judge=llm, judge=reward_model or judge=file"
             )
         self.eval_key = "gold_reward" if self.gold_reward is not None else "policy_reward"
-        iteration_optimizer(cfg.loop.schedule, 0)  # an unknown schedule fails before any work
+        self.schedule = iteration_schedule(cfg)  # an unknown schedule fails before any work
+        self.refinement: RewardRefinement | None = None  # built with the judge, after r_0
         self.eval_scores: list[list[float]] = []  # per-prompt means of every evaluation
         self.judge: Any = None
         self.summary: dict[str, Any] = self.summary_header()
@@ -471,12 +468,16 @@ class Pipeline:
         self, reward: HFRewardModel, rows: Sequence[dict], epochs: int, lr: float, loss: str
     ) -> None:
         """First-order training on pairs (``bradley_terry``) or scored rows (``mse``)."""
-        warmup = self.cfg.reward_model.get("warmup_fraction", 0.0)
-        module = RewardModelModule(reward, loss=loss, lr=lr, warmup_fraction=warmup)
-        collate = ScoreCollator(reward) if loss == "mse" else PairCollator(reward)
-        loader = self.loader(rows, self.cfg.reward_model.batch_size, collate)
-        self.trainer(max_epochs=epochs).fit(module, loader)
-        reward.model.eval()
+        fit_reward_model(
+            reward,
+            rows,
+            self.trainer(max_epochs=epochs),
+            loss=loss,
+            lr=lr,
+            batch_size=self.cfg.reward_model.batch_size,
+            warmup_fraction=self.cfg.reward_model.get("warmup_fraction", 0.0),
+            seed=self.cfg.seed,
+        )
         self.to_device(reward.model)
 
     def policy_module_for(self, policy: torch.nn.Module, reward: HFRewardModel) -> ZOPrOModule:
@@ -504,37 +505,31 @@ class Pipeline:
             self.summary[f"reward_model_accuracy{suffix}"] = pairwise_accuracy(reward, pairs)
 
     def refine(
-        self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list[tuple[str, str]]
+        self, reward: HFRewardModel, policy_module: ZOPrOModule, records: list, trainer=None
     ) -> dict[str, int]:
-        """Judge stored vs fresh completions, train the reward model on the judged pairs
-        (Bradley–Terry, whatever the task's kind)."""
-        cfg = self.cfg.loop.refine
-        if self.judge is None:
+        """The refinement the ZOPrO callback calls at each iteration's end: judged pairs of
+        stored vs fresh completions train the reward model (:class:`RewardRefinement`, built
+        on first use with the run's judge, trainer factory and progress bars)."""
+        if self.refinement is None:
             self.judge = self.build_judge(reward)
             for name, count in getattr(self, "judge_counts", {}).items():
                 setattr(self.judge, name, count)  # resumed: the counts so far
+            judge = self.judge
+            readable = getattr(self.task, "readable_prompts", None)
+            if self.cfg.judge.get("readable_prompts") and readable:
+                judge = ReadablePromptJudge(judge, readable)
+            cfg = self.cfg
+            settings = RefinementSettings(
+                epochs=cfg.loop.refine.epochs,
+                lr=cfg.loop.refine.lr,
+                batch_size=cfg.reward_model.batch_size,
+                keep_close_alpha=cfg.loop.refine.keep_close_alpha,
+                warmup_fraction=cfg.reward_model.get("warmup_fraction", 0.0),
+            )
+            progress = self.bar_description("judging") is not None
+            self.refinement = RewardRefinement(judge, settings, self.trainer, cfg.seed, progress)
         self.to_device(policy_module.policy)
-        judge = self.judge
-        readable = getattr(self.task, "readable_prompts", None)
-        if self.cfg.judge.get("readable_prompts") and readable:
-            judge = ReadablePromptJudge(judge, readable)
-        counts_before = judge_counts(self.judge)  # totals over ranks so far
-        progress = self.bar_description("judging") is not None
-        pairs = judged_pairs(policy_module, judge, records, progress=progress)  # this rank's
-        if self.last_trainer is not None:  # DDP: every rank trains on every rank's pairs
-            shares = gather_objects([(len(records), judge_counts(self.judge))], self.last_trainer)
-            judged = sum(n for n, _ in shares)
-            for name, count in counts_before.items():  # the judge's counters: totals again
-                setattr(self.judge, name, count + sum(c[name] - count for _, c in shares))
-            pairs = gather_objects(pairs, self.last_trainer)
-        else:
-            judged = len(records)
-        before = trainable_state(reward.model)
-        if pairs:
-            self.fit_reward_model(reward, pairs, epochs=cfg.epochs, lr=cfg.lr, loss="bradley_terry")
-        if cfg.keep_close_alpha is not None:
-            keep_close_merge(reward.model, before, cfg.keep_close_alpha)
-        return {"pairs": len(pairs), "judged": judged, "dropped": judged - len(pairs)}
+        return self.refinement(reward, policy_module, records, trainer)
 
     def evaluate(self, policy: torch.nn.Module) -> float:
         """Mean gold reward of the policy's samples on held-out prompts; without a gold
@@ -608,16 +603,24 @@ class Pipeline:
             self.summary[f"{key}_initial"] = self.evaluate(policy)
             self.save_run_state("start", {"reward": trainable_state(reward.model)})
         first = self.restore_iteration(policy, reward, sampler) if self.resuming else 0
-        sizes = [self.steps_of(t) * cfg.loop.batch_size for t in range(iterations)]
+        sizes = [self.schedule.updates_of(t) * cfg.loop.batch_size for t in range(iterations)]
         chunks = prompt_chunks(self.task.train_prompts, sizes)
-        recorder = RolloutRecorder()
+        zopro = ZOPrOIterations(
+            reward,
+            self.refine,
+            self.schedule,
+            direction=cfg.sampler.get("direction", "update"),
+            seed=cfg.seed,
+            boundaries_inside_fit=False,  # this loop ends each iteration after its evaluation
+        )
+        zopro.iteration = first
         interplay = cfg.interplay
         snapshots = (
             InterplaySnapshots(self.run_dir, interplay.every_fraction, interplay.max_numel)
             if interplay.snapshots
             else None
         )
-        callbacks: list[L.Callback] = [recorder, *instantiate_callbacks(cfg.get("callbacks"))]
+        callbacks: list[L.Callback] = [zopro, *instantiate_callbacks(cfg.get("callbacks"))]
         if snapshots is not None:
             if started is None:
                 snapshots.save_reward(reward.model, step=0, iteration=0)  # r_0
@@ -627,9 +630,7 @@ class Pipeline:
         for t in range(first, iterations):
             # before its first directions are set, the sampler draws isotropic z (iteration 0
             # of a fully zeroth-order run)
-            first_order = self.set_phase_optimizer(t) == "first_order"
-            self.policy_module.iteration, self.policy_module.phase = t, "policy_learning"
-            theta_before = trainable_state(policy)
+            first_order = self.schedule.optimizer(t) == "first_order"
             if snapshots is not None:
                 snapshots.iteration = t
             self.seed_phase("policy_learning", t)
@@ -638,14 +639,13 @@ class Pipeline:
             log.info(
                 "[iteration %d/%d] policy learning: %s, %s, %d updates",
                 t + 1, iterations, "first-order" if first_order else "zeroth-order",
-                "AdamW" if first_order else f"{cfg.sampler.name} sampler", self.steps_of(t),
+                "AdamW" if first_order else f"{cfg.sampler.name} sampler",
+                self.schedule.updates_of(t),
             )  # fmt: skip
             self.learn_policy(t, chunks[t], callbacks)
             self.summary.setdefault("policy_seconds_per_iteration", []).append(
                 time.perf_counter() - started_at
             )
-            candidates = self.policy_directions(policy, theta_before)
-            mu = candidates.get(self.cfg.sampler.get("direction", "update")) or candidates["update"]
             measured = self.evaluate(policy)
             gains = self.summary.get(f"{key}_gain_stderr_per_iteration") or [math.nan]
             log.info(
@@ -658,24 +658,21 @@ class Pipeline:
             )
             if first_order:
                 self.summary[f"{key}_after_first_order"] = measured
-            phi_before = trainable_state(reward.model)
-            self.seed_phase("refinement", t)
             self.progress.enter("refinement", t)
             log.info("[iteration %d/%d] reward refinement: %s judge", t + 1, iterations,
                      cfg.judge.name)
-            refinement = self.refine(reward, self.policy_module, recorder.pop())
-            v = state_difference(trainable_state(reward.model), phi_before)
+            ended = zopro.end_iteration(self.last_trainer, self.policy_module)  # mu, refine, v
+            refinement, matched = ended.refinement, ended.matched
             if snapshots is not None:
                 snapshots.save_reward(
                     reward.model, step=self.policy_module.policy_updates, iteration=t
                 )
-            matched = sampler.set_directions(mu, v)
             log.info("iteration %d: %s, %d tensors matched", t, refinement, matched)
             self.summary.setdefault("refinement_pairs", []).append(refinement["pairs"])
             self.summary.setdefault("refinement_dropped", []).append(refinement["dropped"])
             self.summary["matched_tensors"] = matched
             self.save_adapters(t, policy, reward)
-            self.save_iteration(t, policy, reward, sampler, candidates | {"reward": v})
+            self.save_iteration(t, policy, reward, sampler, ended.directions)
         self.summary[f"{key}_final"] = self.summary[f"{key}_per_iteration"][-1]
         if key != "gold_reward":
             self.summary["gold_reward_final"] = math.nan  # no gold reward (see gold_evaluation)
@@ -685,7 +682,7 @@ class Pipeline:
         last = self.policy_module.last_rollout
         self.summary.update(
             {
-                "policy_steps": sum(self.steps_of(t) for t in range(iterations)),
+                "policy_steps": self.schedule.total_updates,
                 "kl_final": last.metrics["kl"]
                 if last is not None
                 else self.summary.get("kl_final"),
@@ -705,47 +702,6 @@ class Pipeline:
         return self.summary
 
     # -- policy learning with checkpoints and resume --------------------------------------
-    def steps_of(self, t: int) -> int:
-        """Policy updates of iteration ``t``: ``loop.first_order_steps`` for a first-order
-        iteration 0 when set, ``loop.steps_per_iteration`` otherwise."""
-        loop = self.cfg.loop
-        first_order = iteration_optimizer(loop.schedule, t) == "first_order"
-        if t == 0 and first_order and loop.get("first_order_steps"):
-            return int(loop.first_order_steps)
-        return int(loop.steps_per_iteration)
-
-    def set_phase_optimizer(self, t: int) -> str:
-        """Set the policy module's optimizer for iteration ``t`` from ``loop.schedule``: the
-        first-order learning rate, or the zeroth-order one with its schedule and ``eps`` (a
-        sampler's own ``sampler.lr`` / ``sampler.eps`` first: a targeted and an isotropic
-        sampler do not step on the same scale). Returns the optimizer."""
-        loop, sampler_cfg = self.cfg.loop, self.cfg.sampler
-        optimizer = iteration_optimizer(loop.schedule, t)
-        if optimizer == "first_order":
-            self.policy_module.set_optimizer(
-                "first_order", lr=loop.first_order_lr, lr_schedule=self.cfg.policy.lr_schedule
-            )
-        else:
-            self.policy_module.set_optimizer(
-                "zeroth_order",
-                lr=sampler_cfg.get("lr") or loop.zeroth_order_lr,
-                eps=sampler_cfg.get("eps") or self.cfg.policy.eps,
-                lr_schedule=loop.get("zeroth_order_lr_schedule") or self.cfg.policy.lr_schedule,
-            )
-        return optimizer
-
-    def policy_directions(self, policy, theta_before: dict[str, torch.Tensor]) -> dict:
-        """The candidates for the sampler's ``mu`` after a policy phase, by
-        ``sampler.direction``: ``update`` (as published), the phase's update
-        ``theta_t - theta_{t-1}``; ``gradient``, minus the phase optimizer's running gradient
-        mean at its end (AdamW's first moment after a first-order phase; the ZO momentum or
-        Adam moment after a zeroth-order one), absent (so the update is used) where the
-        optimizer keeps none (zeroth-order SGD)."""
-        optimizers = self.last_trainer.optimizers if self.last_trainer is not None else []
-        gradient = self.policy_module.optimizer_direction(optimizers[0] if optimizers else None)
-        update = state_difference(trainable_state(policy), theta_before)
-        return {"update": update, "gradient": gradient} if gradient else {"update": update}
-
     def learn_policy(self, t: int, prompts: Sequence[str], callbacks: list[L.Callback]) -> None:
         """Policy learning of iteration ``t`` on its chunk of prompts, one Lightning ``fit``.
 
@@ -759,7 +715,7 @@ class Pipeline:
         """
         cfg = self.cfg.loop
         directory = self.run_dir / "checkpoints" / f"iteration_{t}"
-        options: dict[str, Any] = {"max_steps": self.steps_of(t), "max_epochs": -1}
+        options: dict[str, Any] = {"max_steps": self.schedule.updates_of(t), "max_epochs": -1}
         every = cfg.get("checkpoint_every")
         phase_callbacks = list(callbacks)
         if every:
