@@ -40,9 +40,11 @@ from zopro_lightning.data.resumable import ResumableDataLoader  # noqa: E402
 from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
 from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm  # noqa: E402
 from zopro_lightning.models.tokenizer import build_word_tokenizer  # noqa: E402
+from zopro_lightning.policy.optimization import OptimizerSettings  # noqa: E402
 from zopro_lightning.reward.training import PairCollator, RewardModelModule  # noqa: E402
+from zopro_lightning.rl.rollout import RolloutSettings  # noqa: E402
 from zopro_lightning.utils.distributed import ZerothOrderDDPStrategy, gather_objects  # noqa: E402
-from zopro_lightning.zo.optim import ZerothOrderOptimizer  # noqa: E402
+from zopro_lightning.zo.optim import SPSASettings, ZerothOrderOptimizer  # noqa: E402
 from zopro_lightning.zo.samplers import GaussianSampler  # noqa: E402
 
 STEPS = 3
@@ -119,10 +121,8 @@ def policy_fit(
         policy,
         tokenizer,
         count_great,
-        optimizer=optimizer,
-        k=2,
-        max_new_tokens=4,
-        lr=1e-2,
+        optimizer=OptimizerSettings(name=optimizer, lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
         seed=1234 + rank,  # rank 0's seed must win (agreed at fit start)
     )
     recorder = BatchRecorder()
@@ -145,7 +145,11 @@ def resume_parity(tokenizer, prompts, rank: int, out_dir: Path) -> dict:
 
     def fit(ckpt_path: Path | None) -> tuple[dict, int]:
         module = ZOPrOModule(
-            lora_policy(tokenizer, rank), tokenizer, count_great, k=2, max_new_tokens=4, lr=1e-2
+            lora_policy(tokenizer, rank),
+            tokenizer,
+            count_great,
+            optimizer=OptimizerSettings(lr=1e-2),
+            rollout=RolloutSettings(k=2, max_new_tokens=4),
         )
         loader = ResumableDataLoader(
             prompts, batch_size=2, shuffle=True, collate_fn=list,
@@ -206,8 +210,9 @@ def data_parallel_step(fitted: L.Trainer, rank: int) -> dict:
             return (prediction - y[rows]).pow(2).mean()
 
         optimizer = ZerothOrderOptimizer(
-            params.items(), GaussianSampler(), lr=0.1, eps=1e-4, num_perturbations=2,
-            steps_per_update=2, reduce_fn=reduce_fn,
+            params.items(), GaussianSampler(),
+            SPSASettings(eps=1e-4, num_perturbations=2, steps_per_update=2),
+            lr=0.1, reduce_fn=reduce_fn,
         )  # fmt: skip
         result = optimizer.step(loss_fn=loss, seed=99)
         return {

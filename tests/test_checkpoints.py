@@ -20,6 +20,8 @@ from zopro_lightning import ZOPrOModule
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.data.resumable import ResumableDataLoader
 from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
+from zopro_lightning.policy.optimization import OptimizerSettings
+from zopro_lightning.rl.rollout import RolloutSettings
 from zopro_lightning.utils.checkpointing import (
     AtomicCheckpointIO,
     CheckpointIOError,
@@ -140,7 +142,9 @@ def test_process_killed_mid_write_keeps_the_previous_checkpoint(tmp_path):
 def test_full_disk_during_fit_leaves_a_resumable_last_checkpoint(
     lora_policy, tokenizer, small_task, tmp_path, monkeypatch
 ):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=3)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=3)
+    )
     real_save, calls = torch.save, []
 
     def save(obj, handle, *args, **kwargs):
@@ -198,7 +202,9 @@ def small_fit(module, root, steps=1, **kwargs) -> L.Trainer:
 def test_checkpoint_of_another_model_is_refused_before_anything_changes(
     lora_policy, tokenizer, tmp_path
 ):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=3)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=3)
+    )
     path = tmp_path / "a.ckpt"
     small_fit(module, tmp_path).save_checkpoint(path)
 
@@ -211,7 +217,13 @@ def test_checkpoint_of_another_model_is_refused_before_anything_changes(
         alpha=4,
     )
     sampler = ZOPrOSampler(decay="constant")
-    other = ZOPrOModule(other_policy, tokenizer, count_words_reward, sampler, k=2, max_new_tokens=3)
+    other = ZOPrOModule(
+        other_policy,
+        tokenizer,
+        count_words_reward,
+        sampler,
+        rollout=RolloutSettings(k=2, max_new_tokens=3),
+    )
     before = {n: p.detach().clone() for n, p in other_policy.named_parameters()}
     with pytest.raises(ValueError) as info:
         trainer(tmp_path / "b", 2).fit(
@@ -227,7 +239,7 @@ def test_checkpoint_of_another_model_is_refused_before_anything_changes(
 
 
 def test_checkpoint_without_zopro_state_is_refused(lora_policy, tokenizer):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2)
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2))
     with pytest.raises(ValueError, match="not written by ZOPrOModule"):
         module.on_load_checkpoint({"state_dict": {}, "epoch": 0})
 
@@ -252,9 +264,8 @@ def test_checkpoints_load_with_weights_only(lora_policy, tokenizer, small_task, 
         tokenizer,
         count_words_reward,
         sampler,
-        k=2,
-        max_new_tokens=3,
-        accumulate_batches=2,
+        optimizer=OptimizerSettings(accumulate_batches=2),
+        rollout=RolloutSettings(k=2, max_new_tokens=3),
     )
     module.iteration, module.phase = 2, "policy_learning"
     path = tmp_path / "mid.ckpt"
@@ -277,8 +288,8 @@ def test_checkpoints_load_with_weights_only(lora_policy, tokenizer, small_task, 
         tokenizer,
         count_words_reward,
         ZOPrOSampler(decay="linear"),
-        k=2,
-        accumulate_batches=2,
+        optimizer=OptimizerSettings(accumulate_batches=2),
+        rollout=RolloutSettings(k=2),
     )
     fresh.on_load_checkpoint(AtomicCheckpointIO().load_checkpoint(path))
     assert fresh.iteration == 2 and fresh.policy_updates == 1 and len(fresh._pending) == 1

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
+from zopro_lightning.rl.rollout import RolloutSettings
 from zopro_lightning.utils.distributed import agree_on_seed, cross_rank_mean, gather_objects
 from zopro_lightning.zo.spsa import derive_seed
 
@@ -121,7 +122,13 @@ def test_helpers_are_the_identity_on_one_process():
 
 
 def test_step_seed_follows_the_base_seed_agreed_at_fit_start(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=3, seed=5)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        rollout=RolloutSettings(k=2, max_new_tokens=3),
+        seed=5,
+    )
     assert module.step_seed() == derive_seed(5, 0)  # before any fit: the module's own seed
     trainer = L.Trainer(
         accelerator="cpu",

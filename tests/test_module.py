@@ -6,7 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
+from zopro_lightning.policy.optimization import OptimizerSettings
 from zopro_lightning.reward.callables import RewardError
+from zopro_lightning.rl.rollout import RolloutSettings
+from zopro_lightning.zo.optim import SPSASettings
 from zopro_lightning.zo.samplers import ZOPrOSampler
 
 from .conftest import count_words_reward
@@ -36,9 +39,8 @@ def test_user_reward_in_plain_trainer_is_forward_only(lora_policy, tokenizer, sm
         tokenizer,
         count_words_reward,
         ZOPrOSampler(decay="linear"),
-        k=2,
-        max_new_tokens=6,
-        lr=1e-2,
+        optimizer=OptimizerSettings(lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=6),
     )
     before = trainable(lora_policy)
     trainer = fit(module, small_task.train_prompts[:8], steps=3)
@@ -70,12 +72,8 @@ def test_dict_batches_accumulation_and_schedule(lora_policy, tokenizer, small_ta
         lora_policy,
         tokenizer,
         count_words_reward,
-        k=2,
-        max_new_tokens=4,
-        lr=1e-2,
-        lr_schedule="linear",
-        accumulate_batches=2,
-        micro_batch_size=3,
+        optimizer=OptimizerSettings(lr=1e-2, lr_schedule="linear", accumulate_batches=2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4, micro_batch_size=3),
     )
     prompts = [{"prompt": p} for p in small_task.train_prompts[:8]]
     loader = DataLoader(
@@ -99,10 +97,8 @@ def test_first_order_mode_uses_backprop_and_the_same_loss(lora_policy, tokenizer
         lora_policy,
         tokenizer,
         count_words_reward,
-        optimizer="first_order",
-        k=2,
-        max_new_tokens=4,
-        lr=1e-2,
+        optimizer=OptimizerSettings(name="first_order", lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
     )
     before = trainable(lora_policy)
     fit(module, small_task.train_prompts[:4], steps=2)
@@ -112,7 +108,9 @@ def test_first_order_mode_uses_backprop_and_the_same_loss(lora_policy, tokenizer
 
 
 def test_non_finite_loss_skips_and_leaves_theta_bit_identical(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     module.surrogate_loss = lambda rollouts, backward=False: torch.tensor(float("nan"))
     before = trainable(lora_policy)
     trainer = fit(module, small_task.train_prompts[:4], steps=2)
@@ -134,16 +132,59 @@ def test_non_finite_loss_skips_and_leaves_theta_bit_identical(lora_policy, token
 def test_bad_rewards_fail_with_a_message_naming_them(
     lora_policy, tokenizer, small_task, reward, message
 ):
-    module = ZOPrOModule(lora_policy, tokenizer, reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     with pytest.raises(RewardError, match=message):
         fit(module, small_task.train_prompts[:2], steps=1)
 
 
 def test_bad_hyperparameters_are_refused(lora_policy, tokenizer):
-    with pytest.raises(ValueError, match="eps must be > 0"):
-        ZOPrOModule(lora_policy, tokenizer, count_words_reward, eps=0.0)
-    with pytest.raises(ValueError, match="k .* must be >= 2"):
-        ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=1)
+    with pytest.raises(ValueError, match=r"spsa.eps=0.0: must be a finite number > 0"):
+        ZOPrOModule(lora_policy, tokenizer, count_words_reward, spsa=SPSASettings(eps=0.0))
+    with pytest.raises(ValueError, match=r"rollout.k=1: must be an integer >= 2"):
+        ZOPrOModule(lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=1))
+
+
+def test_settings_are_passed_whole_and_recorded_flat(lora_policy, tokenizer):
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        optimizer=OptimizerSettings("first_order", lr=0.5),
+        rollout=RolloutSettings(k=3),
+        spsa=SPSASettings(eps=0.01, betas=[0.8, 0.9]),
+        seed=7,
+    )
+    h = module.hparams
+    assert (h.optimizer, h.lr, h.k, h.eps, h.betas, h.seed) == (
+        "first_order", 0.5, 3, 0.01, (0.8, 0.9), 7
+    )
+    assert module.rollout_config == RolloutSettings(k=3)
+    assert module.rollout_config is not module.rollout_settings  # callers may change k
+    with pytest.raises(TypeError, match=r"takes a RolloutSettings, got dict"):
+        ZOPrOModule(lora_policy, tokenizer, count_words_reward, rollout={"k": 2})
+
+
+def test_set_optimizer_changes_the_phase_settings_and_checks_them(lora_policy, tokenizer):
+    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward)
+    h = module.hparams
+    module.set_optimizer("zeroth_order", lr=0.02, eps=0.004, lr_schedule="linear")
+    assert (h.optimizer, h.lr, h.eps, h.lr_schedule) == ("zeroth_order", 0.02, 0.004, "linear")
+    assert module.spsa_settings.eps == 0.004
+    assert module.optimizer_settings.lr_schedule == "linear"
+    module.set_optimizer("first_order", lr=0.1, lr_schedule="constant")
+    assert (h.optimizer, h.lr, h.eps, h.lr_schedule) == ("first_order", 0.1, 0.004, "constant")
+    module.set_optimizer("zeroth_order")  # lr and the rest as they were
+    assert (h.optimizer, h.lr) == ("zeroth_order", 0.1)
+    before = (module.optimizer_settings, module.spsa_settings)
+    with pytest.raises(ValueError, match=r"unknown settings \['k'\]"):
+        module.set_optimizer("zeroth_order", k=3)
+    with pytest.raises(ValueError, match=r"spsa.eps=-1.0: must be"):
+        module.set_optimizer("first_order", lr=1.0, eps=-1.0)
+    with pytest.raises(ValueError, match=r"optimizer.lr_schedule='sideways': must be one of"):
+        module.set_optimizer("first_order", lr_schedule="sideways")
+    assert (module.optimizer_settings, module.spsa_settings) == before  # nothing changed
 
 
 def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
@@ -152,17 +193,25 @@ def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
     model = build_tiny_causal_lm(
         tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
     )
-    module = ZOPrOModule(model, tokenizer, count_words_reward, beta=0.1)
+    module = ZOPrOModule(model, tokenizer, count_words_reward, rollout=RolloutSettings(beta=0.1))
     with module.reference_policy() as reference:
         assert reference is not model
         assert not any(p.requires_grad for p in reference.parameters())
-    assert ZOPrOModule(model, tokenizer, count_words_reward, beta=0.0)._frozen_reference == []
+    assert ZOPrOModule(
+        model, tokenizer, count_words_reward, rollout=RolloutSettings(beta=0.0)
+    )._frozen_reference == []
 
 
 def test_checkpoint_carries_step_counter_and_sampler(lora_policy, tokenizer, small_task, tmp_path):
     sampler = ZOPrOSampler(decay="linear", total_steps=10)
     sampler.set_directions({n: torch.randn(p.shape) for n, p in lora_policy.named_parameters()})
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, sampler, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        sampler,
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
+    )
     trainer = fit(module, small_task.train_prompts[:4], steps=2)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
@@ -183,7 +232,9 @@ def quiet_trainer(**options):
 
 
 def test_validation_step_logs_held_out_reward_and_kl(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     held_out = DataLoader(small_task.eval_prompts[:4], batch_size=2)
     first = quiet_trainer().validate(module, held_out, verbose=False)
     again = quiet_trainer().validate(module, held_out, verbose=False)
@@ -198,7 +249,9 @@ def test_validation_step_logs_held_out_reward_and_kl(lora_policy, tokenizer, sma
 
 
 def test_predict_step_gives_one_completion_a_prompt(lora_policy, tokenizer, small_task):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=4, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=4, max_new_tokens=4)
+    )
     prompts = small_task.eval_prompts[:3]
     loader = DataLoader(
         [{"prompt": p} for p in prompts],
@@ -215,8 +268,14 @@ def test_predict_step_gives_one_completion_a_prompt(lora_policy, tokenizer, smal
 @pytest.mark.parametrize(
     ("option", "points_to"),
     [
-        ({"accumulate_grad_batches": 2}, r"ZOPrOModule\(\.\.\., accumulate_batches=2\)"),
-        ({"gradient_clip_val": 1.0}, r"ZOPrOModule\(\.\.\., zo_max_abs_grad=1.0\)"),
+        (
+            {"accumulate_grad_batches": 2},
+            r"ZOPrOModule\(\.\.\., optimizer=OptimizerSettings\(accumulate_batches=2\)\)",
+        ),
+        (
+            {"gradient_clip_val": 1.0},
+            r"ZOPrOModule\(\.\.\., spsa=SPSASettings\(max_abs_grad=1.0\)\)",
+        ),
     ],
 )
 def test_trainer_options_of_automatic_optimisation_point_to_the_modules_own(
@@ -224,7 +283,9 @@ def test_trainer_options_of_automatic_optimisation_point_to_the_modules_own(
 ):
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     before = trainable(lora_policy)
     with pytest.raises(MisconfigurationException, match=points_to):
         fit(module, small_task.train_prompts[:4], steps=1, **option)
@@ -238,8 +299,13 @@ def test_trainer_options_of_automatic_optimisation_point_to_the_modules_own(
 def test_optimizer_direction_is_minus_the_running_gradient_mean(lora_policy, tokenizer, small_task):
     """After a first-order phase the direction is -exp_avg of AdamW, by tensor name; zeroth-order
     SGD keeps no gradient mean, so there is none."""
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, optimizer="first_order",
-                         lr=1e-2, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        optimizer=OptimizerSettings(name="first_order", lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
+    )
     trainer = fit(module, small_task.train_prompts[:4], steps=2)
     optimizer = trainer.optimizers[0]
     direction = module.optimizer_direction(optimizer)
@@ -260,8 +326,14 @@ def test_logged_decay_is_the_one_the_step_drew_with(lora_policy, tokenizer, smal
     sampler = ZOPrOSampler(decay="linear", initial_decay=0.9)
     sampler.set_directions({n: torch.randn(p.shape) for n, p in lora_policy.named_parameters()
                             if p.requires_grad})
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, sampler, k=2,
-                         max_new_tokens=4, lr=1e-3)
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        sampler,
+        optimizer=OptimizerSettings(lr=1e-3),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
+    )
     seen = []
     original = module.log_dict
 

@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
-from zopro_lightning.zo.optim import ZerothOrderOptimizer, inner_seed
+from zopro_lightning.policy.optimization import OptimizerSettings
+from zopro_lightning.rl.rollout import RolloutSettings
+from zopro_lightning.zo.optim import SPSASettings, ZerothOrderOptimizer, inner_seed
 from zopro_lightning.zo.samplers import GaussianSampler
 from zopro_lightning.zo.spsa import derive_seed, tensor_generator
 
@@ -73,9 +75,13 @@ def reference_run(rule: str, seeds: list[int], q: int, betas=(0.9, 0.999), adam_
     return theta, state
 
 
-def optimizer_for(params, rule="sgd", sampler=None, **kwargs) -> ZerothOrderOptimizer:
-    options = {"lr": LR, "eps": EPS, "weight_decay": DECAY, "rule": rule} | kwargs
-    return ZerothOrderOptimizer(params.items(), sampler or GaussianSampler(), **options)
+def optimizer_for(
+    params, rule="sgd", sampler=None, lr=LR, weight_decay=DECAY, **spsa
+) -> ZerothOrderOptimizer:
+    settings = SPSASettings(eps=EPS, rule=rule, **spsa)
+    return ZerothOrderOptimizer(
+        params.items(), sampler or GaussianSampler(), settings, lr=lr, weight_decay=weight_decay
+    )
 
 
 @pytest.mark.parametrize("rule", ["momentum", "adam"])
@@ -227,6 +233,37 @@ def test_max_abs_grad_reaches_the_step():
         optimizer_for(start(), max_abs_grad=0.0)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "valid"),
+    [
+        ("eps", 0.0, "a finite number > 0"),
+        ("eps", float("nan"), "a finite number > 0"),
+        ("num_perturbations", 0, "an integer >= 1"),
+        ("num_perturbations", 1.5, "an integer >= 1"),
+        ("rule", "lbfgs", "one of sgd, momentum, adam"),
+        ("betas", (0.9, 1.0), "two numbers in [0, 1)"),
+        ("betas", (0.9,), "two numbers in [0, 1)"),
+        ("adam_eps", -1e-8, "a finite number > 0"),
+        ("steps_per_update", 0, "an integer >= 1"),
+        ("max_abs_grad", 0.0, "null (off) or a finite number > 0"),
+        ("trainable", "lora_[", "null (all) or a regular expression"),
+        ("exact_restore", 1, "null (by the trainable share), true or false"),
+        ("cache_directions", "yes", "true or false"),
+    ],
+)
+def test_spsa_settings_name_the_option_and_the_valid_range(option, value, valid):
+    with pytest.raises(ValueError) as error:
+        SPSASettings(**{option: value})
+    assert str(error.value) == f"spsa.{option}={value!r}: must be {valid}"
+
+
+def test_spsa_settings_take_betas_as_any_pair():
+    """Hydra passes a list (a ListConfig): kept as a tuple of floats, plain in checkpoints."""
+    from omegaconf import OmegaConf
+
+    assert SPSASettings(betas=OmegaConf.create([0.5, 0])).betas == (0.5, 0.0)
+
+
 # --- the module's zeroth-order settings --------------------------------------------------
 
 
@@ -248,11 +285,9 @@ def test_zo_trainable_moves_only_matching_tensors(lora_policy, tokenizer, small_
         lora_policy,
         tokenizer,
         count_words_reward,
-        k=2,
-        max_new_tokens=4,
-        lr=1e-2,
-        zo_trainable=r"lora_B",
-        zo_max_abs_grad=1e-9,
+        optimizer=OptimizerSettings(lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
+        spsa=SPSASettings(trainable=r"lora_B", max_abs_grad=1e-9),
     )
     before = {n: p.detach().clone() for n, p in lora_policy.named_parameters()}
     trainer = fit(module, small_task.train_prompts[:2])
@@ -261,21 +296,35 @@ def test_zo_trainable_moves_only_matching_tensors(lora_policy, tokenizer, small_
     assert moved and all("lora_B" in n for n in moved)
     assert {n for n in before if "lora_B" in n} == moved
     # the bound on |g| is wired from the module: the one g was clamped, and logged
-    assert trainer.optimizers[0].max_abs_grad == 1e-9
+    assert trainer.optimizers[0].settings.max_abs_grad == 1e-9
     assert trainer.logged_metrics["policy/clipped_grads"] == 1
 
 
 def test_zo_trainable_matching_nothing_is_refused(lora_policy, tokenizer):
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, zo_trainable="no_such_tensor")
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, spsa=SPSASettings(trainable="no_such_tensor")
+    )
     with pytest.raises(ValueError, match="matches no trainable tensor"):
         module.zeroth_order_parameters()
 
 
 def test_arithmetic_restore_on_16_bit_weights_is_refused(lora_policy, tokenizer):
     policy = lora_policy.to(torch.bfloat16)
-    module = ZOPrOModule(policy, tokenizer, count_words_reward, beta=0.0, exact_restore=False)
+    module = ZOPrOModule(
+        policy,
+        tokenizer,
+        count_words_reward,
+        rollout=RolloutSettings(beta=0.0),
+        spsa=SPSASettings(exact_restore=False),
+    )
     with pytest.raises(ValueError, match=r"exact_restore=False.*torch.bfloat16"):
         module.zeroth_order_parameters()
     # the bit-exact restore has no rounding drift: allowed
-    exact = ZOPrOModule(policy, tokenizer, count_words_reward, beta=0.0, exact_restore=True)
+    exact = ZOPrOModule(
+        policy,
+        tokenizer,
+        count_words_reward,
+        rollout=RolloutSettings(beta=0.0),
+        spsa=SPSASettings(exact_restore=True),
+    )
     assert set(exact.zeroth_order_parameters()) == set(exact.trainable_parameters)

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from zopro_lightning import ZOPrOModule
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.data.resumable import ResumableDataLoader
+from zopro_lightning.policy.optimization import OptimizerSettings
+from zopro_lightning.rl.rollout import RolloutSettings
 from zopro_lightning.utils.checkpointing import AtomicCheckpointIO
 from zopro_lightning.zo.samplers import ZOPrOSampler
 
@@ -77,12 +79,8 @@ def build_module(policy, tokenizer, optimizer: str, reward_scale: float = 0.5) -
         tokenizer,
         LengthReward(reward_scale),
         sampler,
-        optimizer=optimizer,
-        k=2,
-        max_new_tokens=4,
-        lr=1e-2,
-        lr_schedule="linear",
-        weight_decay=0.01,
+        optimizer=OptimizerSettings(optimizer, lr=1e-2, lr_schedule="linear", weight_decay=0.01),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
         seed=3,
     )
 

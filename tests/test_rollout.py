@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from zopro_lightning.policy.module import ZOPrOModule
-from zopro_lightning.rl.rollout import check_context_length, context_length, decode_completions
+from zopro_lightning.rl.rollout import (
+    RolloutSettings,
+    check_context_length,
+    context_length,
+    decode_completions,
+)
 
 from .conftest import count_words_reward
 
@@ -14,7 +19,9 @@ def test_rollout_shapes_masks_and_zero_kl_at_the_reference(lora_policy, tokenize
         for name, param in lora_policy.named_parameters():
             if "lora_B" in name:
                 param.zero_()
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=3, max_new_tokens=5)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=3, max_new_tokens=5)
+    )
     rollout = module.rollout(small_task.train_prompts[:2])
     assert len(rollout) == 6 and rollout.prompts[:3] == [small_task.train_prompts[0]] * 3
     assert rollout.completion_mask.shape == (6, rollout.input_ids.shape[1] - rollout.prompt_length)
@@ -52,7 +59,9 @@ def test_prompt_longer_than_the_context_is_refused_before_generation(
     lora_policy, tokenizer, small_task, monkeypatch
 ):
     limit = lora_policy.config.max_position_embeddings
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=8)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=8)
+    )
     calls = []
     monkeypatch.setattr(lora_policy, "generate", lambda *a, **k: calls.append(1))
     too_long = prompt_of_length(tokenizer, small_task, limit - 4)  # + 8 new tokens > limit
@@ -66,7 +75,7 @@ def test_prompt_longer_than_the_context_is_refused_before_generation(
         "max_position_embeddings",
         f"at most {limit - 8} tokens",
         "dataset.task.max_prompt_tokens",
-        "policy.max_new_tokens",
+        "policy.rollout.max_new_tokens",
     ):
         assert part in message, message
     assert not calls and module.policy_updates == 0  # nothing generated, nothing changed
@@ -74,7 +83,9 @@ def test_prompt_longer_than_the_context_is_refused_before_generation(
 
 def test_prompt_that_exactly_fills_the_context_is_generated(lora_policy, tokenizer, small_task):
     limit = lora_policy.config.max_position_embeddings
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     rollout = module.rollout([prompt_of_length(tokenizer, small_task, limit - 4)])
     assert rollout.prompt_length + rollout.completion_mask.shape[1] <= limit
 
@@ -92,7 +103,9 @@ def test_completion_logprobs_match_a_token_by_token_computation(lora_policy, tok
     tempered token log-probs computed from the full logits, one position at a time."""
     from zopro_lightning.rl.rollout import completion_logprobs, position_ids_from_mask
 
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     rollout = module.rollout(small_task.train_prompts[:3])
     ids, mask, cmask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
     with torch.no_grad():
@@ -108,3 +121,34 @@ def test_completion_logprobs_match_a_token_by_token_computation(lora_policy, tok
                 logp = torch.log_softmax(logits[row, start + t - 1] / 0.7, -1)
                 expected[row] += logp[ids[row, start + t]]
     assert torch.allclose(fast, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "valid"),
+    [
+        ("k", 1, "an integer >= 2 (RLOO's baseline)"),
+        ("k", 2.0, "an integer >= 2 (RLOO's baseline)"),
+        ("temperature", 0, "a finite number > 0"),
+        ("max_new_tokens", 0, "an integer >= 1"),
+        ("beta", -0.1, "a finite number >= 0"),
+        ("missing_eos_penalty", float("inf"), "null or a finite number"),
+        ("micro_batch_size", 0, "null or an integer >= 1"),
+        ("normalize_advantages", "yes", "true or false"),
+        ("clip_range", 0.0, "a finite number > 0"),
+    ],
+)
+def test_rollout_settings_name_the_option_and_the_valid_range(option, value, valid):
+    from zopro_lightning.rl.rollout import RolloutSettings
+
+    with pytest.raises(ValueError) as error:
+        RolloutSettings(**{option: value})
+    assert str(error.value) == f"rollout.{option}={value!r}: must be {valid}"
+
+
+def test_num_samples_overrides_k_for_generation(lora_policy, tokenizer, small_task):
+    from zopro_lightning.rl.rollout import RolloutSettings, generate_completions
+
+    ids, _, _, _ = generate_completions(
+        lora_policy, tokenizer, small_task.eval_prompts[:2], RolloutSettings(k=3), num_samples=1
+    )
+    assert ids.shape[0] == 2

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from zopro_lightning.zo.optim import SPSASettings
 from zopro_lightning.zo.samplers import GaussianSampler
 from zopro_lightning.zo.spsa import derive_seed, spsa_step, tensor_generator
 
@@ -25,8 +26,8 @@ def test_mean_of_g_times_z_approaches_the_true_gradient():
             params,
             lambda: 0.5 * ((a @ params["theta"] - b) ** 2).sum(),
             GaussianSampler(),
+            SPSASettings(eps=1e-4),
             seed=seed,
-            eps=1e-4,
             lr=1.0,
         )
         # the update is -lr * g * z, so (before - after) is one g z sample
@@ -46,7 +47,7 @@ def test_exact_restore_after_the_two_evaluations():
         seen.append(params["w"].clone())
         return params["w"].sum()
 
-    spsa_step(params, loss, GaussianSampler(), seed=1, eps=1e-3, lr=0.0)
+    spsa_step(params, loss, GaussianSampler(), SPSASettings(eps=1e-3), seed=1, lr=0.0)
     assert torch.equal(params["w"], theta)  # lr 0: back to theta bit for bit
     assert not torch.equal(seen[0], theta) and not torch.equal(seen[1], theta)
     assert torch.allclose(seen[0] + seen[1], 2 * theta, atol=1e-6)  # +eps z and -eps z
@@ -59,10 +60,9 @@ def test_arithmetic_restore_is_within_rounding():
         params,
         lambda: params["w"].sum(),
         GaussianSampler(),
+        SPSASettings(eps=1e-3, exact_restore=False),
         seed=1,
-        eps=1e-3,
         lr=0.0,
-        exact_restore=False,
     )
     assert torch.allclose(params["w"], theta, atol=1e-6)
 
@@ -83,12 +83,10 @@ def test_arithmetic_restore_with_the_fused_update_matches_the_exact_one():
                 params,
                 loss,
                 GaussianSampler(),
+                SPSASettings(eps=1e-2, num_perturbations=q, exact_restore=exact),
                 seed=3,
-                eps=1e-2,
                 lr=0.05,
                 weight_decay=0.1,
-                num_perturbations=q,
-                exact_restore=exact,
             )
             out.append(params)
         for name in theta:
@@ -103,10 +101,9 @@ def test_arithmetic_restore_after_a_skipped_step():
         params,
         lambda: torch.tensor(float("nan")),
         GaussianSampler(),
+        SPSASettings(eps=1e-3, exact_restore=False),
         seed=0,
-        eps=1e-3,
         lr=1.0,
-        exact_restore=False,
     )
     assert result.skipped
     assert torch.allclose(params["w"], theta, atol=1e-12)
@@ -116,7 +113,12 @@ def test_non_finite_g_skips_the_update_and_leaves_theta_bit_identical():
     theta = torch.randn(10, 3)
     params = {"w": theta.clone()}
     result = spsa_step(
-        params, lambda: torch.tensor(float("nan")), GaussianSampler(), seed=0, eps=1e-3, lr=1.0
+        params,
+        lambda: torch.tensor(float("nan")),
+        GaussianSampler(),
+        SPSASettings(eps=1e-3),
+        seed=0,
+        lr=1.0,
     )
     assert result.skipped
     assert torch.equal(params["w"], theta)
@@ -131,11 +133,9 @@ def test_cached_directions_give_the_same_numbers():
             params,
             lambda p=params: (p["w"] ** 2).sum(),
             GaussianSampler(),
+            SPSASettings(eps=1e-3, num_perturbations=3, cache_directions=cache),
             seed=5,
-            eps=1e-3,
             lr=0.1,
-            num_perturbations=3,
-            cache_directions=cache,
         )
         out.append(params["w"])
     assert torch.equal(out[0], out[1])
@@ -147,26 +147,21 @@ def test_weight_decay_spares_vectors_and_q_averages():
         params,
         lambda: torch.tensor(0.0),
         GaussianSampler(),
+        SPSASettings(eps=1e-3, num_perturbations=2),
         seed=0,
-        eps=1e-3,
         lr=0.1,
         weight_decay=0.5,
-        num_perturbations=2,
     )
     assert torch.allclose(params["w"], torch.full((3, 3), 0.95))  # g = 0: only the decay
     assert torch.equal(params["bias"], torch.ones(3))
 
 
-def test_bad_eps_is_refused():
-    with pytest.raises(ValueError, match="eps"):
-        spsa_step(
-            {"w": torch.ones(2)},
-            lambda: torch.tensor(0.0),
-            GaussianSampler(),
-            seed=0,
-            eps=0.0,
-            lr=0.1,
-        )
+def test_bad_settings_are_refused_once_when_built():
+    """The step takes its settings whole; they were checked when built, naming the option."""
+    with pytest.raises(ValueError, match=r"spsa.eps=0.0: must be a finite number > 0"):
+        SPSASettings(eps=0.0)
+    with pytest.raises(ValueError, match=r"spsa.num_perturbations=0: must be an integer >= 1"):
+        SPSASettings(num_perturbations=0)
 
 
 # --- the estimate against autograd, the 1/q average, the skip and the guards ---------------
@@ -212,7 +207,9 @@ def test_projected_grads_match_autograd_on_the_clipped_surrogate(lora_policy):
     policy.zero_grad(set_to_none=True)
     q, seed, sampler = 8, 11, GaussianSampler()
     theta = {name: p.detach().clone() for name, p in params.items()}
-    result = spsa_step(params, loss, sampler, seed=seed, eps=1e-3, lr=0.0, num_perturbations=q)
+    result = spsa_step(
+        params, loss, sampler, SPSASettings(eps=1e-3, num_perturbations=q), seed=seed, lr=0.0
+    )
     assert all(torch.equal(params[name], theta[name]) for name in theta)
     expected = torch.tensor(
         [
@@ -249,11 +246,9 @@ def test_update_is_the_mean_over_q_of_g_z_with_a_loss_that_varies_with_z(exact_r
         params,
         lambda: smooth_loss(params),
         sampler,
+        SPSASettings(eps=eps, num_perturbations=q, exact_restore=exact_restore),
         seed=seed,
-        eps=eps,
         lr=lr,
-        num_perturbations=q,
-        exact_restore=exact_restore,
     )
     zs = [regenerated(sampler, seed, j, theta) for j in range(q)]
     g = torch.tensor(
@@ -278,7 +273,7 @@ def test_one_non_finite_g_of_q_skips_the_whole_update():
         return torch.tensor(float("nan")) if len(calls) == 3 else (params["w"] ** 2).sum()
 
     result = spsa_step(
-        params, loss, GaussianSampler(), seed=2, eps=1e-3, lr=0.1, num_perturbations=3
+        params, loss, GaussianSampler(), SPSASettings(eps=1e-3, num_perturbations=3), seed=2, lr=0.1
     )
     assert result.skipped and result.num_skipped == 1 and not result.non_finite_update
     assert torch.isfinite(result.projected_grads).tolist() == [True, False, True]
@@ -294,11 +289,10 @@ def test_non_finite_lr_skips_before_touching_theta(lr):
             params,
             lambda p=params: smooth_loss(p),
             GaussianSampler(),
+            SPSASettings(eps=1e-3, exact_restore=exact_restore),
             seed=0,
-            eps=1e-3,
             lr=lr,
             weight_decay=0.1,
-            exact_restore=exact_restore,
         )
         assert result.skipped and result.non_finite_update and result.num_skipped == 1
         for name in theta:
@@ -316,7 +310,9 @@ def test_an_update_that_overflows_is_undone_bit_identically():
     g = float(regenerated(sampler, 0, 0, {"w": theta})["w"].sum())  # g of L = sum(w): sum(z)
     for lr in (0.9 * torch.finfo(torch.float32).max / abs(g), 1e39):
         params = {"w": theta.clone()}
-        result = spsa_step(params, lambda p=params: p["w"].sum(), sampler, seed=0, eps=1e-3, lr=lr)
+        result = spsa_step(
+            params, lambda p=params: p["w"].sum(), sampler, SPSASettings(eps=1e-3), seed=0, lr=lr
+        )
         assert result.skipped and result.non_finite_update and result.num_skipped == 1
         assert torch.equal(params["w"], theta)
     # without a copy there is nothing to undo from: said so, with the fix
@@ -326,10 +322,9 @@ def test_an_update_that_overflows_is_undone_bit_identically():
             params,
             lambda: params["w"].sum(),
             sampler,
+            SPSASettings(eps=1e-3, exact_restore=False),
             seed=0,
-            eps=1e-3,
             lr=0.9 * torch.finfo(torch.float32).max / abs(g),
-            exact_restore=False,
         )
 
 
@@ -348,11 +343,9 @@ def test_max_abs_grad_clamps_each_g_after_the_cross_rank_mean():
             params,
             lambda p=params: smooth_loss(p),
             sampler,
+            SPSASettings(eps=eps, num_perturbations=q, max_abs_grad=max_abs_grad),
             seed=seed,
-            eps=eps,
             lr=lr,
-            num_perturbations=q,
-            max_abs_grad=max_abs_grad,
         )
         used = g if max_abs_grad is None else g.clamp(-bound, bound)
         assert torch.allclose(result.projected_grads, used, rtol=1e-6)
@@ -367,12 +360,10 @@ def test_max_abs_grad_clamps_each_g_after_the_cross_rank_mean():
         params,
         lambda p=params: smooth_loss(p),
         sampler,
+        SPSASettings(eps=eps, num_perturbations=q, max_abs_grad=float(g.abs().max()) * 0.6),
         seed=seed,
-        eps=eps,
         lr=lr,
-        num_perturbations=q,
         reduce_fn=lambda stats: stats / 2,
-        max_abs_grad=float(g.abs().max()) * 0.6,
     )
     assert result.num_clipped == 0
 
@@ -380,15 +371,7 @@ def test_max_abs_grad_clamps_each_g_after_the_cross_rank_mean():
 @pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
 def test_bad_max_abs_grad_is_refused(bound):
     with pytest.raises(ValueError, match="max_abs_grad"):
-        spsa_step(
-            {"w": torch.ones(2)},
-            lambda: torch.tensor(0.0),
-            GaussianSampler(),
-            seed=0,
-            eps=1e-3,
-            lr=0.1,
-            max_abs_grad=bound,
-        )
+        SPSASettings(eps=1e-3, max_abs_grad=bound)
 
 
 def test_all_finite_is_exact_when_the_sum_overflows():

@@ -6,8 +6,13 @@ Completions are laid out prompt-major: for ``B`` prompts and ``k`` completions e
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from zopro_lightning.rl.rollout import RolloutSettings
 
 
 def sequence_logprob_sums(token_logprobs: Tensor, completion_mask: Tensor) -> Tensor:
@@ -83,6 +88,30 @@ def scale_to_unit_std(advantages: Tensor, floor: float = 1e-8) -> Tensor:
     (left-out completions) stay zero.
     """
     return advantages / (advantages.std() + floor) if advantages.numel() > 1 else advantages
+
+
+def shaped_advantages(
+    scores: Tensor, eos: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, config: RolloutSettings
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A rollout's rewards and advantages from the reward callable's ``scores``, each ``[N]``.
+
+    ``r_i = scores_i - missing_eos_penalty * [no EOS in completion i]`` (no penalty when
+    ``None``); ``KL_i = log pi_old(y_i) - log pi_ref(y_i)``; ``rho_i = r_i - beta KL_i``;
+    ``A`` the RLOO advantages of ``rho`` over each prompt's ``k`` rows, divided by ``std(A)``
+    with ``normalize_advantages``.
+
+    Returns:
+        ``(r, KL, rho, A)``.
+    """
+    rewards = scores
+    if config.missing_eos_penalty is not None:
+        rewards = torch.where(eos, scores, scores - config.missing_eos_penalty)
+    kl = sequence_kl(old_logprobs, ref_logprobs)
+    rho = rlhf_rewards(rewards, kl, config.beta)
+    advantages = rloo_advantages(rho, config.k)
+    if config.normalize_advantages:
+        advantages = scale_to_unit_std(advantages)
+    return rewards, kl, rho, advantages
 
 
 def clipped_surrogate(

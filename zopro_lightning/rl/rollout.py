@@ -8,6 +8,7 @@ compare the distributions the samples actually came from.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -17,12 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from zopro_lightning.reward.callables import RewardFn, score_completions
-from zopro_lightning.rl.objectives import (
-    rlhf_rewards,
-    rloo_advantages,
-    scale_to_unit_std,
-    sequence_kl,
-)
+from zopro_lightning.rl.objectives import shaped_advantages
 
 
 @dataclass
@@ -126,8 +122,29 @@ def batched_logprobs(
 
 
 @dataclass
-class RolloutConfig:
-    """Sampling and reward settings of a rollout (DESIGN.md §2.1)."""
+class RolloutSettings:
+    """How a rollout is sampled, scored and turned into advantages, and the clip of the
+    surrogate evaluated on it (DESIGN.md §2.1-2.2). Checked once, on construction.
+
+    ``ZOPrOModule(..., rollout=RolloutSettings(...))``; ``zopro-train``: ``policy.rollout.*``.
+
+    Attributes:
+        k: completions sampled per prompt, ``>= 2`` (RLOO's baseline for completion ``i`` is
+            the mean reward of the prompt's ``k - 1`` others).
+        temperature: ``tau > 0``: samples and every log-probability use ``logits / tau``.
+        max_new_tokens: ``T``, completion tokens at most (``>= 1``).
+        beta: ``>= 0``, the KL coefficient of ``rho_i = r_i - beta KL_i``; 0 needs no
+            reference policy.
+        missing_eos_penalty: subtracted from the reward of a completion without EOS within
+            ``max_new_tokens`` (``None``: no penalty).
+        normalize_advantages: ``A / std(A)`` over the batch, so the step size does not follow
+            the reward model's drifting scale.
+        micro_batch_size: rows a forward at most (log-probs and loss; ``None``: all ``B k``).
+        clip_range: ``c > 0`` of the clipped surrogate ``max(-A r, -A clip(r, 1-c, 1+c))``.
+
+    Raises:
+        ValueError: on construction, naming the option, its value and the valid range.
+    """
 
     k: int = 4
     temperature: float = 1.0
@@ -136,6 +153,46 @@ class RolloutConfig:
     missing_eos_penalty: float | None = None
     micro_batch_size: int | None = None
     normalize_advantages: bool = False
+    clip_range: float = 0.2
+
+    def __post_init__(self) -> None:
+        micro = self.micro_batch_size
+        _check(
+            "rollout",
+            self,
+            ("k", _is_int(self.k) and self.k >= 2, "an integer >= 2 (RLOO's baseline)"),
+            ("temperature", _positive(self.temperature), "a finite number > 0"),
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             "an integer >= 1"),
+            ("beta", _is_number(self.beta) and self.beta >= 0, "a finite number >= 0"),
+            ("missing_eos_penalty", self.missing_eos_penalty is None
+             or _is_number(self.missing_eos_penalty), "null or a finite number"),
+            ("micro_batch_size", micro is None or (_is_int(micro) and micro >= 1),
+             "null or an integer >= 1"),
+            ("normalize_advantages", isinstance(self.normalize_advantages, bool),
+             "true or false"),
+            ("clip_range", _positive(self.clip_range), "a finite number > 0"),
+        )  # fmt: skip
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: object) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _check(group: str, settings: object, *checks: tuple[str, bool, str]) -> None:
+    """Raise ``ValueError("<group>.<option>=<value>: must be <valid>")`` for the first failed
+    ``(option, ok, valid)``."""
+    for option, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"{group}.{option}={getattr(settings, option)!r}: must be {valid}")
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -172,7 +229,7 @@ def check_context_length(
         f"= {longest + max_new_tokens} > {limit} (config.max_position_embeddings). Truncate "
         f"the prompts to at most {max(limit - max_new_tokens, 0)} tokens "
         "(dataset.task.max_prompt_tokens with prompt_length_mode=truncate or drop), or lower "
-        "max_new_tokens (policy.max_new_tokens)."
+        "max_new_tokens (policy.rollout.max_new_tokens)."
     )
 
 
@@ -181,10 +238,13 @@ def generate_completions(
     policy: nn.Module,
     tokenizer,
     prompts: list[str],
-    config: RolloutConfig,
+    config: RolloutSettings,
     do_sample: bool = True,
+    num_samples: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Sample ``k`` completions per prompt (prompt-major).
+    """Sample ``num_samples`` (default ``config.k``) completions per prompt, prompt-major, at
+    ``config.temperature`` (no top-k or top-p) and at most ``config.max_new_tokens`` tokens;
+    with ``do_sample=False`` one greedy completion per prompt.
 
     Returns:
         ``(input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T], P)`` where the
@@ -194,16 +254,15 @@ def generate_completions(
         ValueError: a prompt's tokens plus ``max_new_tokens`` exceed the model's context
             (:func:`check_context_length`), before anything is generated.
     """
-    repeated = [p for p in prompts for _ in range(config.k)] if do_sample else list(prompts)
+    rows_per_prompt = (config.k if num_samples is None else num_samples) if do_sample else 1
+    repeated = [p for p in prompts for _ in range(rows_per_prompt)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         encoded = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
-    check_context_length(
-        policy, encoded["attention_mask"], config.max_new_tokens, config.k if do_sample else 1
-    )
+    check_context_length(policy, encoded["attention_mask"], config.max_new_tokens, rows_per_prompt)
     device = next(policy.parameters()).device
     encoded = {key: value.to(device) for key, value in encoded.items()}
     prompt_len = encoded["input_ids"].shape[1]
@@ -262,10 +321,14 @@ def collect_rollout(
     tokenizer,
     prompts: list[str],
     reward_fn: RewardFn,
-    config: RolloutConfig,
+    config: RolloutSettings,
     reference: Callable[[], AbstractContextManager[nn.Module]] | None,
 ) -> Rollout:
-    """Sample, score, and compute log-probs, KL, RLHF rewards and RLOO advantages.
+    """One rollout of the ``B`` prompts, ``N = B k`` rows prompt-major (DESIGN.md §2.1):
+    ``k`` sampled completions a prompt, their rewards ``r`` (minus ``missing_eos_penalty``
+    without EOS), sequence log-probs under ``pi_old`` and ``pi_ref``, ``KL = log pi_old -
+    log pi_ref``, ``rho = r - beta KL`` and the RLOO advantages of ``rho`` (``A / std(A)``
+    with ``normalize_advantages``), each ``[N]``.
 
     Args:
         reference: a context manager factory yielding the reference policy (e.g. the same
@@ -280,14 +343,8 @@ def collect_rollout(
     repeated = [p for p in prompts for _ in range(config.k)]
 
     def logprobs(model: nn.Module) -> Tensor:
-        return batched_logprobs(
-            model,
-            input_ids,
-            attention_mask,
-            completion_mask,
-            config.temperature,
-            config.micro_batch_size,
-        )
+        tempered = (config.temperature, config.micro_batch_size)
+        return batched_logprobs(model, input_ids, attention_mask, completion_mask, *tempered)
 
     old_logprobs = logprobs(policy)
     if reference is not None:
@@ -295,28 +352,14 @@ def collect_rollout(
             ref_logprobs = logprobs(reference_policy)
     else:
         ref_logprobs = old_logprobs.clone()
-    rewards = score_completions(reward_fn, repeated, completions).to(old_logprobs.device)
+    scores = score_completions(reward_fn, repeated, completions).to(old_logprobs.device)
     eos = has_eos(tokenizer, input_ids, completion_mask)
-    if config.missing_eos_penalty is not None:
-        rewards = torch.where(eos, rewards, rewards - config.missing_eos_penalty)
-    kl = sequence_kl(old_logprobs, ref_logprobs)
-    rho = rlhf_rewards(rewards, kl, config.beta)
-    advantages = rloo_advantages(rho, config.k)
-    if config.normalize_advantages:
-        advantages = scale_to_unit_std(advantages)
-    finite = torch.isfinite(rewards)
-    n_tokens = int(completion_mask.sum())
-    metrics = {
-        "reward_mean": float(rewards[finite].mean()),
-        "reward_std": float(rewards[finite].std()) if finite.sum() > 1 else 0.0,
-        "kl": float(kl.mean()),
-        "rlhf_reward": float(rho[finite].mean()),
-        "advantage_std": float(advantages.std()),
-        "nonfinite_rewards": float((~finite).sum()),
-        "eos_fraction": float(eos.float().mean()),
-        "completion_tokens": float(n_tokens) / len(completions),
-        "generated_tokens_per_second": n_tokens / max(generation_seconds, 1e-9),
-    }
+    shaped = shaped_advantages(scores, eos, old_logprobs, ref_logprobs, config)
+    rewards, kl, rho, advantages = shaped
+    metrics = rollout_metrics(rewards, kl, rho, advantages, eos, completion_mask)
+    metrics["generated_tokens_per_second"] = int(completion_mask.sum()) / max(
+        generation_seconds, 1e-9
+    )
     return Rollout(
         prompts=repeated,
         completions=completions,
@@ -331,3 +374,21 @@ def collect_rollout(
         advantages=advantages,
         metrics=metrics,
     )
+
+
+def rollout_metrics(
+    rewards: Tensor, kl: Tensor, rho: Tensor, advantages: Tensor, eos: Tensor, completion_mask
+) -> dict[str, float]:
+    """The logged means of a rollout (``[N]`` tensors, ``completion_mask [N, T]``): rewards,
+    ``rho`` and their spread over the finite rewards only, non-finite ones counted."""
+    finite = torch.isfinite(rewards)
+    return {
+        "reward_mean": float(rewards[finite].mean()),
+        "reward_std": float(rewards[finite].std()) if finite.sum() > 1 else 0.0,
+        "kl": float(kl.mean()),
+        "rlhf_reward": float(rho[finite].mean()),
+        "advantage_std": float(advantages.std()),
+        "nonfinite_rewards": float((~finite).sum()),
+        "eos_fraction": float(eos.float().mean()),
+        "completion_tokens": float(int(completion_mask.sum())) / len(rewards),
+    }

@@ -14,7 +14,7 @@ Three kinds of check, each problem one line naming the option, its value and wha
   the label file of ``judge=file``, a local LLM judge or reward backbone, and the run
   directory of ``resume=`` (never created here).
 - **combinations**: a gold-reward judge on a dataset without a gold reward.
-- **lengths**: ``dataset.task.max_prompt_tokens + policy.max_new_tokens`` fits the policy's
+- **lengths**: ``dataset.task.max_prompt_tokens + policy.rollout.max_new_tokens`` fits the policy's
   context (the tiny model's ``max_position_embeddings``, or a local model's ``config.json``)
   and ``sft.max_length``, so no prompt is cut at generation and every SFT example keeps its
   answer.
@@ -111,17 +111,19 @@ def _count(key: str, least: int = 1, nullable: bool = False) -> Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    # policy (ZOPrOModule)
-    _positive("policy.eps"),
-    _positive("policy.temperature"),
-    _positive("policy.clip_range"),
-    Rule("policy.beta", float, ge=0),
-    Rule("policy.weight_decay", float, ge=0),
-    _count("policy.k", 2),  # RLOO's baseline needs another completion of the prompt
-    _count("policy.num_perturbations"),
-    _count("policy.max_new_tokens"),
-    _count("policy.micro_batch_size", nullable=True),
-    _count("policy.zo_steps_per_update"),
+    # policy (its settings check themselves when built; here all are named before any work)
+    Rule("policy.optimizer.weight_decay", float, ge=0),
+    _count("policy.rollout.k", 2),  # RLOO's baseline needs another completion of the prompt
+    _positive("policy.rollout.temperature"),
+    _count("policy.rollout.max_new_tokens"),
+    Rule("policy.rollout.beta", float, ge=0),
+    Rule("policy.rollout.missing_eos_penalty", float, nullable=True),
+    _count("policy.rollout.micro_batch_size", nullable=True),
+    _positive("policy.rollout.clip_range"),
+    _positive("policy.spsa.eps"),
+    _count("policy.spsa.num_perturbations"),
+    _count("policy.spsa.steps_per_update"),
+    _positive("policy.spsa.max_abs_grad", nullable=True),
     Rule("sampler.sampler.smoothing", float, ge=0, lt=1),
     Rule("sampler.sampler.initial_decay", float, ge=0, le=1),
     # loop
@@ -164,7 +166,7 @@ RULES: tuple[Rule, ...] = (
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "loop.schedule": ("first_order_then_zeroth_order", "first_order", "zeroth_order"),
-    "policy.zo_rule": ("sgd", "momentum", "adam"),
+    "policy.spsa.rule": ("sgd", "momentum", "adam"),
     "sampler.direction": ("update", "gradient"),
     "sampler.sampler.coefficients": ("shared", "per_tensor"),
     "sampler.sampler.decay": ("linear", "exp", "constant"),
@@ -316,19 +318,19 @@ def _context(cfg: DictConfig, missing: set[str]) -> tuple[int | None, str]:
 
 def _length_problems(cfg: DictConfig, missing: set[str]) -> Iterator[str]:
     prompt = _int(cfg, "dataset.task.max_prompt_tokens")
-    new = _int(cfg, "policy.max_new_tokens")
+    new = _int(cfg, "policy.rollout.max_new_tokens")
     sft = _int(cfg, "sft.max_length")
     context, where = _context(cfg, missing)
     if prompt and new and context and prompt + new > context:
         yield (
-            f"dataset.task.max_prompt_tokens={prompt} + policy.max_new_tokens={new} = "
+            f"dataset.task.max_prompt_tokens={prompt} + policy.rollout.max_new_tokens={new} = "
             f"{prompt + new} tokens do not fit the policy's context of {context} tokens "
             f"({where}); valid: dataset.task.max_prompt_tokens <= {context - new}, or fewer "
             "new tokens"
         )
     if prompt and new and sft and prompt + new > sft:
         yield (
-            f"dataset.task.max_prompt_tokens={prompt} + policy.max_new_tokens={new} = "
+            f"dataset.task.max_prompt_tokens={prompt} + policy.rollout.max_new_tokens={new} = "
             f"{prompt + new} tokens exceed sft.max_length={sft} (SFT would cut the answers of "
             f"the longest prompts short, or leave them out); valid: sft.max_length >= "
             f"{prompt + new}, or dataset.task.max_prompt_tokens <= {sft - new}"

@@ -33,7 +33,10 @@ an update that leaves a non-finite weight or moment is skipped and counted in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -52,7 +55,106 @@ from zopro_lightning.zo.spsa import (
 )
 
 UpdateRule = Literal["sgd", "momentum", "adam"]
-UPDATE_RULES = ("sgd", "momentum", "adam")
+UPDATE_RULES: tuple[UpdateRule, ...] = ("sgd", "momentum", "adam")
+
+
+@dataclass
+class SPSASettings:
+    """The settings of the zeroth-order steps, checked once, on construction.
+
+    ``spsa_step`` reads ``eps``, ``num_perturbations``, ``max_abs_grad``, ``exact_restore`` and
+    ``cache_directions``; :class:`~zopro_lightning.zo.optim.ZerothOrderOptimizer` the update
+    rule (``rule``, ``betas``, ``adam_eps``) and ``steps_per_update``; ``ZOPrOModule``
+    ``trainable`` and ``exact_restore=None``. ``zopro-train``: ``policy.spsa.*``.
+
+    Attributes:
+        eps: ``epsilon > 0``, the perturbation scale of ``L(theta +- eps z)``.
+        num_perturbations: ``q >= 1`` directions averaged per step.
+        rule: ``"sgd"`` (MeZO), ``"momentum"`` or ``"adam"`` on ``g_hat = mean_j g_j z_j``
+            (:mod:`zopro_lightning.zo.optim`; momentum keeps one, Adam two trainable-sized
+            buffers).
+        betas: momentum's ``beta`` (first value) or Adam's ``(b1, b2)``, each in ``[0, 1)``.
+        adam_eps: Adam's denominator guard, ``> 0``.
+        steps_per_update: SPSA steps per policy update (``>= 1``), each with its own
+            directions, all on the update's rollouts.
+        max_abs_grad: bound on each ``|g_j|`` after the cross-rank mean (``None``: off).
+        trainable: a regular expression; steps perturb and move only the trainable tensors
+            whose names match it (``None``: all).
+        exact_restore: restore ``theta`` from a copy of the trainable tensors (bit-exact) or by
+            arithmetic (no copy). ``None``: ``ZOPrOModule`` picks exact when the trainable set
+            is at most 10 % of the model (LoRA); ``spsa_step`` alone takes it as exact.
+        cache_directions: keep each ``z`` after its first draw instead of regenerating it
+            (same numbers; for small trainable sets).
+
+    Raises:
+        ValueError: on construction, naming the option, its value and the valid range.
+    """
+
+    eps: float = 1e-3
+    num_perturbations: int = 1
+    rule: UpdateRule = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    steps_per_update: int = 1
+    max_abs_grad: float | None = None
+    trainable: str | None = None
+    exact_restore: bool | None = None
+    cache_directions: bool = False
+
+    def __post_init__(self) -> None:
+        for option, ok, valid in self._checks():
+            if not ok:
+                raise ValueError(f"spsa.{option}={getattr(self, option)!r}: must be {valid}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))  # a list, a ListConfig: a tuple
+
+    def _checks(self) -> Iterator[tuple[str, bool, str]]:
+        """``(option, ok, what is valid)`` of each option, checked lazily in order."""
+        yield "eps", _positive(self.eps), "a finite number > 0"
+        yield "num_perturbations", _count(self.num_perturbations), "an integer >= 1"
+        yield "rule", self.rule in UPDATE_RULES, f"one of {', '.join(UPDATE_RULES)}"
+        yield "betas", _betas(self.betas), "two numbers in [0, 1)"
+        yield "adam_eps", _positive(self.adam_eps), "a finite number > 0"
+        yield "steps_per_update", _count(self.steps_per_update), "an integer >= 1"
+        yield "max_abs_grad", self.max_abs_grad is None or _positive(self.max_abs_grad), (
+            "null (off) or a finite number > 0"
+        )
+        yield "trainable", self.trainable is None or _regex(self.trainable), (
+            "null (all) or a regular expression"
+        )
+        yield "exact_restore", self.exact_restore is None or isinstance(self.exact_restore, bool), (
+            "null (by the trainable share), true or false"
+        )
+        yield "cache_directions", isinstance(self.cache_directions, bool), "true or false"
+
+    @property
+    def restores_exactly(self) -> bool:
+        """Whether ``theta`` comes back from a copy: ``exact_restore`` is not ``False``."""
+        return self.exact_restore is not False
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: object) -> bool:
+    return _number(value) and value > 0
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _betas(betas: object) -> bool:
+    pair = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else []
+    return len(pair) == 2 and all(_number(b) and 0 <= b < 1 for b in pair)
+
+
+def _regex(pattern: object) -> bool:
+    try:
+        re.compile(pattern)  # type: ignore[arg-type]
+    except (re.error, TypeError):
+        return False
+    return True
 
 
 def inner_seed(seed: int, i: int) -> int:
@@ -64,42 +166,31 @@ def inner_seed(seed: int, i: int) -> int:
 class ZerothOrderOptimizer(torch.optim.Optimizer):
     """Forward-only SPSA optimizer over named parameters.
 
-    ``step(loss_fn=..., seed=...)`` runs ``steps_per_update`` times
-    :func:`zopro_lightning.zo.spsa.spsa_step` with the group's current ``lr``, ``eps`` and
-    ``weight_decay`` and the update ``rule``. The ``closure`` argument that Lightning passes is
-    called once (it runs Lightning's hooks), never differentiated.
+    ``step(loss_fn=..., seed=...)`` runs ``settings.steps_per_update`` times
+    :func:`zopro_lightning.zo.spsa.spsa_step` with the group's current ``lr`` and
+    ``weight_decay`` (what LR schedulers write) and the update ``settings.rule``. The
+    ``closure`` argument that Lightning passes is called once (it runs Lightning's hooks), never
+    differentiated.
 
     Args:
         named_params: ``(name, parameter)`` pairs; names seed the directions.
         sampler: the direction sampler (``ZOPrOModule`` checkpoints its state); stepped once per
             update.
-        lr, eps, weight_decay, num_perturbations, exact_restore, cache_directions: see
-            :func:`~zopro_lightning.zo.spsa.spsa_step`.
+        settings: the SPSA settings (:class:`SPSASettings`; default: its defaults).
+        lr: learning rate (``param_groups[0]["lr"]``).
+        weight_decay: ``lambda``, on matrices only (``param_groups[0]["weight_decay"]``).
         reduce_fn: cross-rank mean of the step's scalars (``None`` on one process).
-        rule: ``"sgd"``, ``"momentum"`` or ``"adam"`` (module docstring).
-        betas: momentum ``beta`` (first value) or Adam's ``(b1, b2)``.
-        adam_eps: Adam's denominator guard.
-        steps_per_update: SPSA steps per ``step`` call, each with its own directions.
-        max_abs_grad: bound on each ``|g_j|`` (``None``: off); see
-            :func:`~zopro_lightning.zo.spsa.spsa_step`.
     """
 
     def __init__(
         self,
         named_params: Iterable[tuple[str, Tensor]],
         sampler: PerturbationSampler,
+        settings: SPSASettings | None = None,
+        *,
         lr: float = 1e-4,
-        eps: float = 1e-3,
         weight_decay: float = 0.0,
-        num_perturbations: int = 1,
-        exact_restore: bool = True,
-        cache_directions: bool = False,
         reduce_fn: ReduceFn | None = None,
-        rule: UpdateRule = "sgd",
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        steps_per_update: int = 1,
-        max_abs_grad: float | None = None,
     ) -> None:
         named = list(named_params)
         if not named:
@@ -107,31 +198,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 "ZerothOrderOptimizer got no trainable parameters: mark some requires_grad=True "
                 "(e.g. wrap the policy with a LoRA adapter)."
             )
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0 (perturbation scale), got {eps}.")
-        if num_perturbations < 1:
-            raise ValueError(f"num_perturbations (q) must be >= 1, got {num_perturbations}.")
-        if rule not in UPDATE_RULES:
-            raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}.")
-        if steps_per_update < 1:
-            raise ValueError(f"steps_per_update must be >= 1, got {steps_per_update}.")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}.")
-        if max_abs_grad is not None and not max_abs_grad > 0:
-            raise ValueError(f"max_abs_grad must be > 0 or None (off), got {max_abs_grad}.")
         self.names = [name for name, _ in named]
-        defaults = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
-        super().__init__([param for _, param in named], defaults)
+        super().__init__([param for _, param in named], {"lr": lr, "weight_decay": weight_decay})
         self.sampler = sampler
-        self.num_perturbations = num_perturbations
-        self.exact_restore = exact_restore
-        self.cache_directions = cache_directions
+        self.settings = settings if settings is not None else SPSASettings()
         self.reduce_fn = reduce_fn
-        self.rule: UpdateRule = rule
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.adam_eps = float(adam_eps)
-        self.steps_per_update = int(steps_per_update)
-        self.max_abs_grad = None if max_abs_grad is None else float(max_abs_grad)
         self.skipped_steps = 0
 
     @property
@@ -164,23 +235,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 "evaluated without autograd) and seed= (the step seed, equal on every rank)."
             )
         group = self.param_groups[0]
+        rule = None if self.settings.rule == "sgd" else self._apply_rule
         results = []
-        for i in range(self.steps_per_update):
+        for i in range(self.settings.steps_per_update):
             result = spsa_step(
-                self.named_parameters,
-                loss_fn,
-                self.sampler,
-                seed=inner_seed(seed, i),
-                eps=group["eps"],
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                num_perturbations=self.num_perturbations,
-                exact_restore=self.exact_restore,
-                cache_directions=self.cache_directions,
-                reduce_fn=self.reduce_fn,
-                update_fn=None if self.rule == "sgd" else self._apply_rule,
-                max_abs_grad=self.max_abs_grad,
-            )
+                self.named_parameters, loss_fn, self.sampler, self.settings,
+                seed=inner_seed(seed, i), lr=group["lr"], weight_decay=group["weight_decay"],
+                reduce_fn=self.reduce_fn, update_fn=rule,
+            )  # fmt: skip
             self.skipped_steps += int(result.skipped)
             results.append(result)
         self.sampler.step()
@@ -190,40 +252,22 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         """Momentum or Adam on the estimate ``g_hat`` of each tensor (module docstring).
 
         Returns ``False`` if a weight or moment came out non-finite; the moments are then put
-        back as they were (from copies taken with ``exact_restore=True``, where ``theta`` is
+        back as they were (from copies taken with the exact restore, where ``theta`` is
         undone too), and the SPSA step undoes ``theta``.
         """
         group = self.param_groups[0]
         lr, weight_decay = group["lr"], group["weight_decay"]
-        beta1, beta2 = self.betas
         saved: dict[Tensor, dict[str, Tensor]] = {}
         for name, param in params.items():
             g_hat = gradient(name, param)
             decay = weight_decay if applies_weight_decay(name, param) else 0.0
             state = self.state[param]
-            if self.exact_restore:
+            if self.settings.restores_exactly:
                 saved[param] = {key: value.clone() for key, value in state.items()}
-            if self.rule == "momentum":
-                if decay:
-                    g_hat.add_(param, alpha=decay)
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    buffer = state["momentum_buffer"] = torch.zeros_like(param)
-                buffer.mul_(beta1).add_(g_hat)
-                param.add_(buffer, alpha=-lr)
-                continue
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float64)
-                state["exp_avg"] = torch.zeros_like(param)
-                state["exp_avg_sq"] = torch.zeros_like(param)
-            state["step"] += 1
-            t = float(state["step"])
-            state["exp_avg"].mul_(beta1).add_(g_hat, alpha=1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(self.adam_eps)
-            if decay:
-                param.mul_(1 - lr * decay)
-            param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+            if self.settings.rule == "momentum":
+                self._momentum(param, state, g_hat, lr, decay)
+            else:
+                self._adam(param, state, g_hat, lr, decay)
         finite = all(
             all_finite(t) for param in params.values() for t in (param, *self.state[param].values())
         )
@@ -231,6 +275,38 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             for param, state in saved.items():
                 self.state[param] = state  # {} for a tensor that had no moments yet
         return finite
+
+    def _momentum(
+        self, param: Tensor, state: dict[str, Tensor], g_hat: Tensor, lr: float, decay: float
+    ) -> None:
+        """``b = beta b + g_hat + lambda theta;  theta -= lr b`` (``g_hat`` is overwritten)."""
+        if decay:
+            g_hat.add_(param, alpha=decay)
+        buffer = state.get("momentum_buffer")
+        if buffer is None:
+            buffer = state["momentum_buffer"] = torch.zeros_like(param)
+        buffer.mul_(self.settings.betas[0]).add_(g_hat)
+        param.add_(buffer, alpha=-lr)
+
+    def _adam(
+        self, param: Tensor, state: dict[str, Tensor], g_hat: Tensor, lr: float, decay: float
+    ) -> None:
+        """Bias-corrected Adam with decoupled weight decay: ``m = b1 m + (1-b1) g_hat;
+        s = b2 s + (1-b2) g_hat^2;  theta = (1 - lr lambda) theta - lr m_hat / (sqrt(s_hat) +
+        adam_eps)``."""
+        beta1, beta2 = self.settings.betas
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        state["step"] += 1
+        t = float(state["step"])
+        state["exp_avg"].mul_(beta1).add_(g_hat, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(self.settings.adam_eps)
+        if decay:
+            param.mul_(1 - lr * decay)
+        param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

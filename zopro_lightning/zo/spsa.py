@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -58,6 +59,9 @@ from torch import Tensor
 from zopro_lightning.zo import draws
 from zopro_lightning.zo.draws import derive_seed
 from zopro_lightning.zo.samplers import PerturbationSampler
+
+if TYPE_CHECKING:
+    from zopro_lightning.zo.optim import SPSASettings
 
 LossFn = Callable[[], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
@@ -191,136 +195,165 @@ def spsa_step(
     params: Mapping[str, Tensor],
     loss_fn: LossFn,
     sampler: PerturbationSampler,
+    settings: SPSASettings,
     *,
     seed: int,
-    eps: float,
     lr: float,
     weight_decay: float = 0.0,
-    num_perturbations: int = 1,
-    exact_restore: bool = True,
-    cache_directions: bool = False,
     reduce_fn: ReduceFn | None = None,
     update_fn: UpdateFn | None = None,
-    max_abs_grad: float | None = None,
 ) -> SPSAResult:
-    """One forward-only update of ``params`` (see the module docstring for the math).
+    """One forward-only update of ``params`` (the module docstring has the math and guards).
 
     Args:
-        params: the trainable tensors by name (changed in place).
-        loss_fn: evaluates the loss at the current ``params``; called ``2 * q`` times.
-        sampler: draws the directions.
+        params, sampler: the trainable tensors by name (changed in place); draws the ``z_j``.
+        loss_fn: the loss at the current ``params``; called ``2 q`` times.
+        settings: ``eps``, ``q = num_perturbations``, ``max_abs_grad``, ``exact_restore``
+            (``None`` counts as exact here) and ``cache_directions``.
         seed: the step seed, the same on every rank.
-        eps: perturbation scale, > 0.
-        lr: learning rate of this step.
-        weight_decay: decoupled-into-the-step L2 coefficient ``lambda`` (matrices only).
-        num_perturbations: ``q``, directions averaged per update.
-        exact_restore: restore ``theta`` from a copy (bit-exact) or by arithmetic (no copy).
-        cache_directions: keep each ``z`` after its first draw instead of regenerating it
-            (same numbers; for small trainable sets).
-        reduce_fn: averages the ``[3, q]`` tensor of ``(g, L+, L-)`` across data-parallel
-            ranks (one all-reduce per step); ``None`` on one process.
-        update_fn: ``None``: plain SGD, ``theta -= lr (mean_j g_j z_j + lambda theta)``, with
-            ``z`` regenerated and never held whole. Otherwise called once ``theta`` is restored,
-            as ``update_fn(params, gradient)`` where ``gradient(name, param)`` returns that
-            tensor's estimate ``mean_j g_j z_j`` (materialised one tensor at a time); the rule
-            then owns ``lr`` and weight decay (:mod:`zopro_lightning.zo.optim`). It returns
-            ``False`` if it left a non-finite value (having restored its own state); the step
-            then undoes ``theta`` as for a non-finite weight.
-        max_abs_grad: bound on each ``|g_j|``, applied after the cross-rank mean (``None``: no
-            bound, the default). See the module docstring.
+        lr, weight_decay: ``lr`` and ``lambda`` of this step (decay on matrices only).
+        reduce_fn: the mean of the ``[3, q]`` tensor of ``(g, L+, L-)`` over data-parallel
+            ranks (one all-reduce); ``None`` on one process.
+        update_fn: ``None``: SGD, ``theta -= lr (mean_j g_j z_j + lambda theta)`` with ``z``
+            regenerated, never held whole. Else, once ``theta`` is restored,
+            ``update_fn(params, gradient)`` applies a rule owning ``lr`` and the decay, with
+            ``gradient(name, param) = mean_j g_j z_j`` one tensor at a time; ``False`` from it
+            (a non-finite value, its own state restored) undoes ``theta`` too.
 
     Raises:
-        FloatingPointError: with ``exact_restore=False`` only, an applied update left a
-            non-finite weight and there is no copy to undo it from.
+        FloatingPointError: an update left a non-finite weight with no copy to undo it from.
     """
-    if eps <= 0 or not math.isfinite(eps):
-        raise ValueError(f"spsa_step: eps must be a positive finite number, got {eps}.")
-    if num_perturbations < 1:
-        raise ValueError(f"spsa_step: num_perturbations must be >= 1, got {num_perturbations}.")
-    if max_abs_grad is not None and not max_abs_grad > 0:
-        raise ValueError(f"spsa_step: max_abs_grad must be > 0 or None, got {max_abs_grad}.")
-    directions = _Directions(sampler, seed, cache_directions)
-    backup = {n: p.detach().clone() for n, p in params.items()} if exact_restore else None
-
-    def restore_theta() -> None:
-        for name, param in params.items():
-            param.copy_(backup[name])
-
-    stats = torch.zeros(3, num_perturbations, dtype=torch.float64)
-    for j in range(num_perturbations):
-        perturb_(params, directions, j, eps)  # theta + eps z
-        loss_plus = float(loss_fn())
-        if backup is not None:  # theta - eps z, from the copy
-            restore_theta()
-            perturb_(params, directions, j, -eps)
-        else:  # theta - eps z, by arithmetic (one pass fewer)
-            perturb_(params, directions, j, -2 * eps)
-        loss_minus = float(loss_fn())
-        if backup is not None:
-            restore_theta()
-        elif j < num_perturbations - 1:  # the last restore is fused into the update below
-            perturb_(params, directions, j, eps)
-        stats[:, j] = torch.tensor(
-            [(loss_plus - loss_minus) / (2 * eps), loss_plus, loss_minus], dtype=torch.float64
-        )
+    directions = _Directions(sampler, seed, settings.cache_directions)
+    exact = settings.restores_exactly
+    backup = {n: p.detach().clone() for n, p in params.items()} if exact else None
+    stats = _two_point_losses(params, loss_fn, directions, settings, backup)
     if reduce_fn is not None:
         stats = reduce_fn(stats)
-    grads, loss_plus_all, loss_minus_all = stats[0], stats[1], stats[2]
-    q, last = num_perturbations, num_perturbations - 1
-    skipped = not bool(torch.isfinite(grads).all())  # any non-finite g_j, not all
-    num_clipped = 0
-    if not skipped and max_abs_grad is not None:
-        num_clipped = int((grads.abs() > max_abs_grad).sum())
-        grads = grads.clamp(-max_abs_grad, max_abs_grad)
-    scalars = [lr, lr * weight_decay, *(lr * float(g) / q for g in grads)]
-    # finite in every tensor's dtype: torch refuses a float32 tensor's add_ with alpha > 3.4e38
-    limit = min((torch.finfo(p.dtype).max for p in params.values()), default=math.inf)
-    non_finite_update = not skipped and not all(abs(c) <= limit for c in scalars)  # nan too
+    skipped = not bool(torch.isfinite(stats[0]).all())  # any non-finite g_j, not all
+    grads, num_clipped = (stats[0], 0) if skipped else _clamped(stats[0], settings.max_abs_grad)
+    non_finite_update = not skipped and not _finite_scalars(params, grads, lr, weight_decay)
     skipped = skipped or non_finite_update
 
-    def result() -> SPSAResult:
-        return SPSAResult(
-            grads,
-            loss_plus_all,
-            loss_minus_all,
-            skipped,
-            non_finite_update=non_finite_update,
-            num_clipped=num_clipped,
-        )
-
-    pending_restore = eps if backup is None else 0.0  # theta - eps z_last awaits its + eps z_last
-    if skipped or update_fn is not None:
+    pending_restore = settings.eps if backup is None else 0.0  # theta - eps z_last: + eps z_last
+    if skipped:
         if pending_restore:
-            perturb_(params, directions, last, pending_restore)
-        if skipped:
-            return result()
-        finite = update_fn(params, _gradient_estimate(directions, grads)) is not False
-    else:
-        decays = {
-            name: 1.0 - lr * weight_decay
-            if weight_decay and applies_weight_decay(name, param)
-            else 1
-            for name, param in params.items()
-        }
-        for name, param in params.items():
-            if decays[name] != 1:
-                param.mul_(decays[name])
-        for j in range(q):
-            alpha = -lr * float(grads[j]) / q
-            # the restore of the last z is fused into its update: one pass over z_last, not two
-            restore = pending_restore if j == last else 0.0
-            perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
-        finite = True
-    if not (finite and all(all_finite(p) for p in params.values())):
+            perturb_(params, directions, len(grads) - 1, pending_restore)
+    elif not _update(params, directions, grads, lr, weight_decay, pending_restore, update_fn):
         if backup is None:
             raise FloatingPointError(
                 "spsa_step: the update left non-finite weights (an overflow: lr * g too large) "
                 "and exact_restore=False keeps no copy to undo it from. Fix: lower lr, bound "
                 "|g| with max_abs_grad, or pass exact_restore=True."
             )
-        restore_theta()
+        _copy_back(params, backup)
         skipped = non_finite_update = True
-    return result()
+    return SPSAResult(
+        grads, stats[1], stats[2], skipped, non_finite_update=non_finite_update,
+        num_clipped=num_clipped,
+    )  # fmt: skip
+
+
+def _update(
+    params: Mapping[str, Tensor],
+    directions: _Directions,
+    grads: Tensor,
+    lr: float,
+    weight_decay: float,
+    pending_restore: float,
+    update_fn: UpdateFn | None,
+) -> bool:
+    """Apply the step (SGD, or ``update_fn`` once ``theta`` is back); whether every weight is
+    finite after it and the rule reported no non-finite value."""
+    if update_fn is not None:
+        if pending_restore:
+            perturb_(params, directions, len(grads) - 1, pending_restore)
+        finite = update_fn(params, _gradient_estimate(directions, grads)) is not False
+    else:  # the pending restore is fused into the update
+        _sgd_update(params, directions, grads, lr, weight_decay, pending_restore)
+        finite = True
+    return finite and all(all_finite(p) for p in params.values())
+
+
+def _copy_back(params: Mapping[str, Tensor], backup: Mapping[str, Tensor]) -> None:
+    for name, param in params.items():
+        param.copy_(backup[name])
+
+
+def _two_point_losses(
+    params: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    directions: _Directions,
+    settings: SPSASettings,
+    backup: Mapping[str, Tensor] | None,
+) -> Tensor:
+    """``[3, q]``: ``(g_j, L+_j, L-_j)`` for each of the ``q`` directions, ``g_j = (L+ - L-) /
+    2 eps``. ``theta`` is restored after each pair, from ``backup`` (bit for bit) or by
+    arithmetic, where the last ``+ eps z`` is left to the update (it fuses it)."""
+    eps, q = settings.eps, settings.num_perturbations
+    stats = torch.zeros(3, q, dtype=torch.float64)
+    for j in range(q):
+        perturb_(params, directions, j, eps)  # theta + eps z
+        loss_plus = float(loss_fn())
+        if backup is not None:  # theta - eps z, from the copy
+            _copy_back(params, backup)
+            perturb_(params, directions, j, -eps)
+        else:  # theta - eps z, by arithmetic (one pass fewer)
+            perturb_(params, directions, j, -2 * eps)
+        loss_minus = float(loss_fn())
+        if backup is not None:
+            _copy_back(params, backup)
+        elif j < q - 1:  # the last restore is fused into the update
+            perturb_(params, directions, j, eps)
+        stats[:, j] = torch.tensor(
+            [(loss_plus - loss_minus) / (2 * eps), loss_plus, loss_minus], dtype=torch.float64
+        )
+    return stats
+
+
+def _clamped(grads: Tensor, max_abs_grad: float | None) -> tuple[Tensor, int]:
+    """``grads`` (``[q]``, finite) clamped to ``[-max_abs_grad, max_abs_grad]`` and how many
+    were (none without a bound)."""
+    if max_abs_grad is None:
+        return grads, 0
+    return grads.clamp(-max_abs_grad, max_abs_grad), int((grads.abs() > max_abs_grad).sum())
+
+
+def _finite_scalars(
+    params: Mapping[str, Tensor], grads: Tensor, lr: float, weight_decay: float
+) -> bool:
+    """Whether ``lr``, ``lr lambda`` and every ``lr g_j / q`` is finite in every tensor's dtype
+    (torch refuses a float32 tensor's ``add_`` with ``alpha > 3.4e38``); NaN is not."""
+    q = len(grads)
+    scalars = [lr, lr * weight_decay, *(lr * float(g) / q for g in grads)]
+    limit = min((torch.finfo(p.dtype).max for p in params.values()), default=math.inf)
+    return all(abs(c) <= limit for c in scalars)
+
+
+def _sgd_update(
+    params: Mapping[str, Tensor],
+    directions: _Directions,
+    grads: Tensor,
+    lr: float,
+    weight_decay: float,
+    pending_restore: float,
+) -> None:
+    """``theta <- (1 - lr lambda) theta - lr mean_j g_j z_j`` (decay on matrices only), one
+    pass over each ``z_j``; the pending ``+ eps z_last`` of the arithmetic restore is fused
+    into the last pass (scaled by the decay, as the decay already applied to it)."""
+    decays = {
+        name: 1.0 - lr * weight_decay
+        if weight_decay and applies_weight_decay(name, param)
+        else 1
+        for name, param in params.items()
+    }
+    for name, param in params.items():
+        if decays[name] != 1:
+            param.mul_(decays[name])
+    q, last = len(grads), len(grads) - 1
+    for j in range(q):
+        alpha = -lr * float(grads[j]) / q
+        restore = pending_restore if j == last else 0.0
+        perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
 
 
 def _gradient_estimate(directions: _Directions, grads: Tensor) -> GradientFn:
