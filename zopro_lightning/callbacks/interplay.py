@@ -1,4 +1,4 @@
-"""Live side of the policy-reward interplay analysis (DESIGN.md §3).
+"""Live side of the policy-reward interplay analysis (docs/algorithm.md §3).
 
 - :class:`InterplaySnapshots` writes the policy's trainable tensors during policy learning, and
   (through plain methods the pipeline calls) the reward model's after each refinement, in the

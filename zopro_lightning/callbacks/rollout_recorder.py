@@ -1,4 +1,5 @@
-"""Keeps one completion per prompt from each rollout, for reward refinement (DESIGN.md §2.5)."""
+"""Keeps one completion per prompt from each rollout, for reward refinement
+(docs/algorithm.md §2.5)."""
 
 from __future__ import annotations
 

@@ -176,8 +176,8 @@ def check_columns(found: Sequence[str] | None, task: Task, name_or_path: str) ->
     if missing:
         raise ValueError(
             f"{name_or_path}: missing column(s) {missing} needed by task {task!r}; found "
-            f"columns {sorted(found)}. Rename the columns to the task's schema (DESIGN.md §4) "
-            "or pick the dataset config whose schema the file has (dataset="
+            f"columns {sorted(found)}. Rename the columns to the task's schema "
+            "(docs/algorithm.md §4) or pick the dataset config whose schema the file has (dataset="
             f"{'|'.join(preference_names())})"
         )
 

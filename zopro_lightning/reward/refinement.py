@@ -1,4 +1,4 @@
-"""Reward refinement after a policy-learning chunk (DESIGN.md §2.5).
+"""Reward refinement after a policy-learning chunk (docs/algorithm.md §2.5).
 
 For each prompt of the chunk the stored rollout completion meets one fresh completion of the
 current policy; the judge says which is better, and the judged pairs train the reward model

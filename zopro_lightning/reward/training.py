@@ -1,5 +1,5 @@
 """Reward-model training (first-order): Bradley–Terry on preference pairs, or MSE regression on
-scores (DESIGN.md §2.5).
+scores (docs/algorithm.md §2.5).
 
 - pairs ``{prompt, chosen, rejected}``: ``loss = -log sigmoid(r(x, y+) - r(x, y-))``; the
   held-out metric is pairwise accuracy, the fraction of pairs with ``r(x, y+) > r(x, y-)``.

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (first-order, typically LoRA): the start of the pipeline (DESIGN.md §2).
+"""Supervised fine-tuning (first-order, typically LoRA): the start of the pipeline
+(docs/algorithm.md §2).
 
 The loss is the causal-LM cross-entropy on the completion tokens only (prompt tokens and padding
 are masked with ``-100``), each completion followed by EOS so the policy learns to stop.

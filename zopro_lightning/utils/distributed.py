@@ -1,6 +1,7 @@
 """Small data-parallel helpers for zeroth-order training under Lightning's DDP.
 
-Zeroth-order data parallelism (DESIGN.md §2.3) needs only three things from the process group:
+Zeroth-order data parallelism (docs/algorithm.md §2.3) needs only three things from the process
+group:
 
 - a **base seed agreed at set-up** (:func:`agree_on_seed`): rank 0's value, broadcast once at
   fit start, so that the step seed ``s_t = derive(base, t)`` and hence every direction ``z`` is
