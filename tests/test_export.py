@@ -96,7 +96,7 @@ def test_adapter_names_the_sft_model_as_its_base(run_dir, trained, tokenizer):
 
 
 def test_model_card_has_metadata_and_the_runs_config_and_results(run_dir, trained, tokenizer):
-    cfg = config("sampler=gaussian", "loop.iterations=2", "policy.k=4")
+    cfg = config("sampler=gaussian", "loop.iterations=2", "policy.rollout.k=4")
     export_policy(trained, tokenizer, cfg, SUMMARY, run_dir)
     card = (run_dir / "policy" / "README.md").read_text()
     _, front, body = card.split("---\n", 2)

@@ -191,13 +191,13 @@ def training_settings(
         ("schedule", schedule),
         ("sampler", f"{cfg.sampler.name} ({node_settings(cfg.sampler.get('sampler'))})"),
         ("iterations", f"{loop.iterations} of policy learning + reward refinement, {steps}"),
-        ("prompts per update, completions per prompt", f"{loop.batch_size}, {policy.k}"),
+        ("prompts per update, completions per prompt", f"{loop.batch_size}, {policy.rollout.k}"),
         (
             "learning rates",
             f"zeroth-order {loop.zeroth_order_lr}, first-order {loop.first_order_lr}",
         ),
-        ("SPSA", f"eps {policy.eps}, {policy.num_perturbations} direction(s) an update"),
-        ("KL penalty beta", policy.beta),
+        ("SPSA", f"eps {policy.spsa.eps}, {policy.spsa.num_perturbations} direction(s) an update"),
+        ("KL penalty beta", policy.rollout.beta),
         ("judge of refinement pairs", cfg.judge.get("name", "?")),
         ("seed", cfg.seed),
     ]
