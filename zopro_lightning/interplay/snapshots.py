@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from zopro_lightning.utils.atomic import atomic_write
+
 from .sketch import SKETCH_KIND, count_sketch
 from .trajectory import MODELS, Trajectories, Trajectory
 
@@ -47,19 +48,6 @@ SUBDIR = "interplay"
 PROJECTION_KEY = "__projection__"
 ADAPTER_FILE = "adapter_model.safetensors"
 _FILE_RE = re.compile(r"^(policy|reward)_(\d{5,})\.safetensors$")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path`` in one ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -134,7 +122,7 @@ class SnapshotWriter:
             payload = arrays
         seq = self._next_seq[model]
         path = self.directory / f"{model}_{seq:05d}.safetensors"
-        _atomic_write(path, lambda tmp: save_file(payload, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(payload, str(tmp), metadata=metadata))
         self._next_seq[model] = seq + 1
         self.records.append(
             {
@@ -147,7 +135,7 @@ class SnapshotWriter:
             }
         )
         text = json.dumps(self.records, indent=1)
-        _atomic_write(self.directory / INDEX, lambda tmp: tmp.write_text(text))
+        atomic_write(self.directory / INDEX, lambda tmp: tmp.write_text(text))
         return path
 
 

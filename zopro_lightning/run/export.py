@@ -19,14 +19,14 @@ repository before any training).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from zopro_lightning.utils.atomic import replace_directory
 
 POLICY = "policy"
 ADAPTER = "policy_adapter"
@@ -42,20 +42,6 @@ def check_export_config(cfg: DictConfig) -> None:
             "export.push_to_hub=true needs the Hub repository to push to: add "
             "export.hub_repo_id=USER/NAME, or drop export.push_to_hub"
         )
-
-
-def replace_directory(run_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into ``RUN_DIR/<name>.partial``, then rename it to ``RUN_DIR/<name>``
-    (an older copy is moved aside first and removed after)."""
-    target, partial, old = (run_dir / name, run_dir / f"{name}.partial", run_dir / f"{name}.old")
-    for stale in (partial, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    write(partial)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(partial, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def is_lora(policy: Any) -> bool:
@@ -104,7 +90,7 @@ def export_policy(
         dtype = policy.get_base_model().dtype
         adapter_card = adapter_model_card(cfg, base, run_dir)
         adapter_dir = replace_directory(
-            run_dir, ADAPTER, lambda tmp: save_adapter(policy, tmp, base, adapter_card)
+            run_dir / ADAPTER, lambda tmp: save_adapter(policy, tmp, base, adapter_card)
         )
         model = merged_policy(adapter_dir, base, dtype)
     else:
@@ -115,7 +101,7 @@ def export_policy(
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
 
-    target = replace_directory(run_dir, POLICY, write)
+    target = replace_directory(run_dir / POLICY, write)
     export = cfg.get("export") or {}
     if export.get("push_to_hub"):
         push_to_hub(model, tokenizer, target, export["hub_repo_id"])

@@ -24,7 +24,6 @@ uninterrupted run ends.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from zopro_lightning.utils.atomic import atomic_torch_save, atomic_write_text
 from zopro_lightning.utils.checkpointing import checkpoint_problem, set_aside
 
 STATE_DIR = "state"
@@ -46,15 +46,7 @@ def state_path(run_dir: Path, name: str) -> Path:
 
 def save_state(run_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     """``payload`` to ``state/<name>.pt``, atomically (temporary file, fsync, rename)."""
-    path = state_path(run_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(state_path(run_dir, name), payload)
 
 
 def verified_state(run_dir: Path, name: str) -> Path | None:
@@ -104,10 +96,8 @@ def comparable(cfg: DictConfig) -> dict[str, Any]:
 
 
 def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
-    path = Path(run_dir) / RUN_CONFIG
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(comparable(cfg))))
-    os.replace(tmp, path)
+    text = OmegaConf.to_yaml(OmegaConf.create(comparable(cfg)))
+    atomic_write_text(Path(run_dir) / RUN_CONFIG, text)
 
 
 def override_key(override: str) -> str:

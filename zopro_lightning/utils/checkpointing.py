@@ -30,10 +30,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
+
+from zopro_lightning.utils.atomic import atomic_torch_save, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +159,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{exc.strerror or exc} ({type(exc).__name__}). Fix: {_fix_for(exc)}.",
                 exc,
             ) from exc
-        temporary = target.with_name(
-            f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-        )
         try:
-            with open(temporary, "xb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
+            atomic_torch_save(target, checkpoint)
         except BaseException as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: cleaned, re-raised
                 raise
             previous = (
@@ -183,8 +175,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{previous} and the partial file was removed. Fix: {_fix_for(exc)}.",
                 exc,
             ) from exc
-        _fsync_directory(target.parent)
-        _remove_orphans(target)
+        remove_orphans(target)
 
     def load_checkpoint(
         self,
@@ -262,24 +253,6 @@ def resumable_checkpoint(path: _PATH) -> str | None:
         "are done again.",
     )
     return None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: not every platform allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_orphans(target: Path) -> None:
-    """Remove temporary files of ``target`` left by writers that were killed mid-write."""
-    for orphan in target.parent.glob(f".{target.name}.*{_TEMP_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            orphan.unlink()
-            log.info("removed %s, left by a checkpoint write that was interrupted", orphan)
 
 
 # -- which model a checkpoint belongs to ---------------------------------------------------------
