@@ -114,13 +114,9 @@ def communication_meter():
 
 def worker(args: argparse.Namespace) -> None:
     """One DDP rank: a short fit per (size, mode, optimizer); rank 0 writes the rows."""
-    import lightning as L
     import torch
-    from torch.utils.data import DataLoader
 
-    from zopro_lightning import ZOPrOModule
     from zopro_lightning.data.sentiment import build_sentiment_task
-    from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
     from zopro_lightning.models.tokenizer import build_word_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -128,75 +124,75 @@ def worker(args: argparse.Namespace) -> None:
         seed=0, n_train_prompts=64, n_eval_prompts=2, n_sft=8, n_train_pairs=2, n_eval_pairs=2
     )
     tokenizer = build_word_tokenizer(task.corpus())
+    rows, rank = [], 0
+    for size in args.sizes.split(","):
+        for mode in args.modes.split(","):
+            for optimizer in OPTIMIZERS:
+                row, rank = measure_fit(args, task, tokenizer, size, mode, optimizer)
+                rows.append(row)
+    if rank == 0:
+        Path(args.worker).write_text(json.dumps(rows))
+
+
+def measure_fit(
+    args: argparse.Namespace, task, tokenizer, size: str, mode: str, optimizer: str
+) -> tuple[dict, int]:
+    """One fit of ``args.steps`` updates under DDP with a :func:`communication_meter`: its
+    row of counted traffic, and this process's rank."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from zopro_lightning import ZOPrOModule
+    from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
+    from zopro_lightning.policy.optimization import OptimizerSettings
+    from zopro_lightning.rl.rollout import RolloutSettings
 
     def reward(prompts: list[str], completions: list[str]) -> torch.Tensor:
         return torch.tensor([float(len(c.split())) for c in completions])
 
-    rows = []
-    for size in args.sizes.split(","):
-        hidden, layers, heads, inter = SIZES[size]
-        for mode in args.modes.split(","):
-            for optimizer in OPTIMIZERS:
-                policy = build_tiny_causal_lm(
-                    tokenizer,
-                    hidden_size=hidden,
-                    num_layers=layers,
-                    num_heads=heads,
-                    intermediate_size=inter,
-                )
-                if mode == "lora":
-                    policy = add_lora(policy, r=8, alpha=16)
-                module = ZOPrOModule(
-                    policy,
-                    tokenizer,
-                    reward,
-                    optimizer=optimizer,
-                    k=args.k,
-                    max_new_tokens=args.max_new_tokens,
-                    lr=1e-4,
-                    beta=0.0,
-                )
-                meter = communication_meter()
-                trainer = L.Trainer(
-                    accelerator="cpu",
-                    devices=2,
-                    strategy="ddp",
-                    max_steps=args.steps,
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    callbacks=[meter],
-                )
-                prompts = list(task.train_prompts)
-                trainer.fit(module, DataLoader(prompts, batch_size=args.batch, collate_fn=list))
-                updates = module.policy_updates
-                by_name: dict[str, float] = {}
-                for names in meter.collectives:
-                    for name in names:
-                        by_name[name] = by_name.get(name, 0) + 1 / updates
-                trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-                rows.append(
-                    {
-                        "size": size,
-                        "mode": mode,
-                        "optimizer": optimizer,
-                        "params_total": sum(p.numel() for p in policy.parameters()),
-                        "params_trainable": trainable,
-                        "trainable_float32_bytes": 4 * trainable,
-                        # broadcast by DDP before a first-order forward (not in bytes_per_update)
-                        "module_buffer_bytes": sum(
-                            b.numel() * b.element_size() for b in policy.buffers()
-                        ),
-                        "updates": updates,
-                        "bytes_per_update": meter.counter.bytes / updates,
-                        "all_reduce_calls_per_update": meter.counter.calls / updates,
-                        "collectives_per_update": by_name,
-                        "collectives_first_update": meter.collectives[0],
-                    }
-                )
-    if trainer.global_rank == 0:
-        Path(args.worker).write_text(json.dumps(rows))
+    hidden, layers, heads, inter = SIZES[size]
+    policy = build_tiny_causal_lm(
+        tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        intermediate_size=inter,
+    )  # fmt: skip
+    if mode == "lora":
+        policy = add_lora(policy, r=8, alpha=16)
+    module = ZOPrOModule(
+        policy, tokenizer, reward,
+        optimizer=OptimizerSettings(optimizer, lr=1e-4),
+        rollout=RolloutSettings(k=args.k, max_new_tokens=args.max_new_tokens, beta=0.0),
+    )  # fmt: skip
+    meter = communication_meter()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[meter],
+    )  # fmt: skip
+    loader = DataLoader(list(task.train_prompts), batch_size=args.batch, collate_fn=list)
+    trainer.fit(module, loader)
+    updates = module.policy_updates
+    by_name: dict[str, float] = {}
+    for names in meter.collectives:
+        for name in names:
+            by_name[name] = by_name.get(name, 0) + 1 / updates
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    row = {
+        "size": size,
+        "mode": mode,
+        "optimizer": optimizer,
+        "params_total": sum(p.numel() for p in policy.parameters()),
+        "params_trainable": trainable,
+        "trainable_float32_bytes": 4 * trainable,
+        # broadcast by DDP before a first-order forward (not in bytes_per_update)
+        "module_buffer_bytes": sum(b.numel() * b.element_size() for b in policy.buffers()),
+        "updates": updates,
+        "bytes_per_update": meter.counter.bytes / updates,
+        "all_reduce_calls_per_update": meter.counter.calls / updates,
+        "collectives_per_update": by_name,
+        "collectives_first_update": meter.collectives[0],
+    }
+    return row, trainer.global_rank
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,11 +210,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
-    import lightning
-    import peft
-    import torch
-    import transformers
-
     with tempfile.TemporaryDirectory() as scratch:
         rows_file = Path(scratch) / "rows.json"
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT")}
@@ -227,6 +218,25 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", str(rows_file)]
         subprocess.run(command, check=True, env=env)
         rows = json.loads(rows_file.read_text())
+    ratios = summarise(args, rows)
+    out = Path(args.out or Path(__file__).parent / "results" / "communication.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result_block(args, rows, ratios), indent=2))
+    print(
+        f"{'size':>6} {'mode':>5} {'trainable':>10} {'ZO bytes/update':>16} "
+        f"{'FO bytes/update':>16} {'FO/ZO':>10}"
+    )
+    for r in ratios:
+        print(
+            f"{r['size']:>6} {r['mode']:>5} {r['params_trainable']:>10} "
+            f"{r['zeroth_order_bytes_per_update']:>16.0f} "
+            f"{r['first_order_bytes_per_update']:>16.0f} {r['first_over_zeroth']:>10.0f}"
+        )
+    print(f"wrote {out}")
+
+
+def summarise(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Per size and mode: the bytes per update of each optimizer and their ratio."""
     ratios = []
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
@@ -242,7 +252,17 @@ def main(argv: list[str] | None = None) -> None:
                     "first_over_zeroth": fo["bytes_per_update"] / zo["bytes_per_update"],
                 }
             )
-    result = {
+    return ratios
+
+
+def result_block(args: argparse.Namespace, rows: list[dict], ratios: list[dict]) -> dict:
+    """``communication.json``: the environment, the settings, the summary and the rows."""
+    import lightning
+    import peft
+    import torch
+    import transformers
+
+    return {
         "benchmark": "communication",
         "date": datetime.now(timezone.utc).isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
@@ -270,20 +290,6 @@ def main(argv: list[str] | None = None) -> None:
         "summary": ratios,
         "measurements": rows,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / "communication.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(
-        f"{'size':>6} {'mode':>5} {'trainable':>10} {'ZO bytes/update':>16} "
-        f"{'FO bytes/update':>16} {'FO/ZO':>10}"
-    )
-    for r in ratios:
-        print(
-            f"{r['size']:>6} {r['mode']:>5} {r['params_trainable']:>10} "
-            f"{r['zeroth_order_bytes_per_update']:>16.0f} "
-            f"{r['first_order_bytes_per_update']:>16.0f} {r['first_over_zeroth']:>10.0f}"
-        )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

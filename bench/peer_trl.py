@@ -101,7 +101,9 @@ def run_ours(
 
     from zopro_lightning.models.loading import add_lora
     from zopro_lightning.policy.module import ZOPrOModule
+    from zopro_lightning.policy.optimization import OptimizerSettings
     from zopro_lightning.reward.callables import VaderSentimentReward
+    from zopro_lightning.rl.rollout import RolloutSettings
     from zopro_lightning.zo.samplers import GaussianSampler
 
     meta = json.loads((start / "prompts.json").read_text())
@@ -117,12 +119,10 @@ def run_ours(
         tokenizer,
         VaderSentimentReward(),
         GaussianSampler(),
-        optimizer="first_order" if first_order else "zeroth_order",
-        lr=1e-2 if first_order else 5e-3,
-        k=k,
-        beta=0.05,
-        max_new_tokens=16,
-        normalize_advantages=True,
+        optimizer=OptimizerSettings(
+            "first_order" if first_order else "zeroth_order", lr=1e-2 if first_order else 5e-3
+        ),
+        rollout=RolloutSettings(k=k, beta=0.05, max_new_tokens=16, normalize_advantages=True),
         seed=seed,
     )
     clock = UpdateClock()
@@ -154,9 +154,8 @@ def run_ours(
 
 def run_trl(setting: str, start: Path, steps: int, batch: int, k: int, seed: int) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import RLOOTrainer
 
     from zopro_lightning.reward.callables import VaderSentimentReward
 
@@ -173,7 +172,31 @@ def run_trl(setting: str, start: Path, steps: int, batch: int, k: int, seed: int
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick()
 
-    config = RLOOConfig(
+    prompts = meta["train"][: steps * batch]
+    trainer = RLOOTrainer(
+        # full-parameter with beta > 0: TRL loads its reference copy from the model's path
+        model=model if setting == "lora" else str(start / "full"),
+        reward_funcs=vader_reward,
+        args=trl_config(setting, start, steps, batch, k, seed),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        peft_config=trl_lora(meta) if setting == "lora" else None,
+        callbacks=[Tick()],
+    )
+    baseline = rss_mb()
+    clock.marks = [time.perf_counter()]
+    trainer.train()
+    result = {"seconds_per_update": clock.seconds, "baseline_mb": baseline}
+    result["gold_after"] = gold_reward(trainer.model, tokenizer, meta, setting)
+    return result
+
+
+def trl_config(setting: str, start: Path, steps: int, batch: int, k: int, seed: int):
+    """TRL's ``RLOOConfig`` doing what our module does: the same batches, sampling, KL and
+    clip, on the CPU, without gradient checkpointing."""
+    from trl import RLOOConfig
+
+    return RLOOConfig(
         output_dir=str(start.parent / f"trl_{setting}"),
         use_cpu=True,
         bf16=False,
@@ -194,33 +217,18 @@ def run_trl(setting: str, start: Path, steps: int, batch: int, k: int, seed: int
         shuffle_dataset=False,
         seed=seed,
     )
-    peft_config = (
-        LoraConfig(
-            r=meta["lora"]["r"],
-            lora_alpha=meta["lora"]["alpha"],
-            target_modules=LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        )
-        if setting == "lora"
-        else None
+
+
+def trl_lora(meta: dict):
+    """The LoRA adapter of the start (the layout ours gets from ``add_lora``)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=meta["lora"]["r"],
+        lora_alpha=meta["lora"]["alpha"],
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
     )
-    prompts = meta["train"][: steps * batch]
-    trainer = RLOOTrainer(
-        # full-parameter with beta > 0: TRL loads its reference copy from the model's path
-        model=model if setting == "lora" else str(start / "full"),
-        reward_funcs=vader_reward,
-        args=config,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[Tick()],
-    )
-    baseline = rss_mb()
-    clock.marks = [time.perf_counter()]
-    trainer.train()
-    result = {"seconds_per_update": clock.seconds, "baseline_mb": baseline}
-    result["gold_after"] = gold_reward(trainer.model, tokenizer, meta, setting)
-    return result
 
 
 def gold_reward(policy, tokenizer, meta: dict, setting: str) -> float | None:
@@ -228,11 +236,11 @@ def gold_reward(policy, tokenizer, meta: dict, setting: str) -> float | None:
     if setting != "lora":
         return None
     from zopro_lightning.reward.callables import VaderSentimentReward
-    from zopro_lightning.rl.rollout import RolloutConfig
+    from zopro_lightning.rl.rollout import RolloutSettings
     from zopro_lightning.run.evaluation import mean_gold_reward
 
     tokenizer.padding_side = "left"
-    config = RolloutConfig(k=8, temperature=1.0, max_new_tokens=16)
+    config = RolloutSettings(k=8, temperature=1.0, max_new_tokens=16)
     return mean_gold_reward(
         policy, tokenizer, meta["eval"], VaderSentimentReward(), config, seed=10_000
     )
@@ -305,6 +313,26 @@ def summarise(rows: list[dict], setting: str) -> dict[str, float]:
     return summary
 
 
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every runner on every setting and seed, each in a process of its own: their rows."""
+    rows = []
+    for setting in args.settings.split(","):
+        seeds = args.seeds.split(",") if setting == "lora" else ["0"]
+        for seed in seeds:
+            for runner in RUNNERS:
+                command = [sys.executable, __file__, "--worker", runner, setting, seed]
+                command += ["--steps", str(args.steps), "--full-steps", str(args.full_steps)]
+                command += ["--batch", str(args.batch), "--k", str(args.k)]
+                command += ["--threads", str(args.threads), "--workdir", args.workdir]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{runner}/{setting} failed:\n{done.stderr[-4000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                keys = ("runner", "setting", "seed", "seconds_per_update", "peak_mb", "gold_after")
+                print(json.dumps({key: rows[-1][key] for key in keys}))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default="lora,full")
@@ -333,21 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.full_steps, args.seeds = 10, 3, "0"
     prepare_start(Path(args.workdir), seed=0)
-    rows = []
-    for setting in args.settings.split(","):
-        seeds = args.seeds.split(",") if setting == "lora" else ["0"]
-        for seed in seeds:
-            for runner in RUNNERS:
-                command = [sys.executable, __file__, "--worker", runner, setting, seed]
-                command += ["--steps", str(args.steps), "--full-steps", str(args.full_steps)]
-                command += ["--batch", str(args.batch), "--k", str(args.k)]
-                command += ["--threads", str(args.threads), "--workdir", args.workdir]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"{runner}/{setting} failed:\n{done.stderr[-4000:]}")
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                keys = ("runner", "setting", "seed", "seconds_per_update", "peak_mb", "gold_after")
-                print(json.dumps({key: rows[-1][key] for key in keys}))
+    rows = run_all(args)
     import trl
 
     payload = {

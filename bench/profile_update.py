@@ -33,87 +33,140 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import lightning as L
-    import torch
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from zopro_lightning.policy.module import ZOPrOModule
-    from zopro_lightning.rl import rollout as rollout_module
-    from zopro_lightning.rl.objectives import clipped_surrogate
-    from zopro_lightning.rl.rollout import completion_logprobs
     from zopro_lightning.run.cli import CONFIG_DIR
-    from zopro_lightning.run.pipeline import Pipeline
-    from zopro_lightning.zo.optim import ZerothOrderOptimizer
-    from zopro_lightning.zo.samplers import GaussianSampler
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["~logger", "sft.epochs=1", *args.overrides])
     L.seed_everything(0, verbose=False)
     seconds: dict[str, list[float]] = defaultdict(list)
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            start = time.perf_counter()
-            out = fn(*a, **kw)
-            seconds[name].append(time.perf_counter() - start)
-            return out
-
-        return wrapper
-
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = Pipeline(cfg, Path(tmp))
-        sft = pipeline.supervised_fine_tuning()
-        reward = pipeline.build_reward_model()
-        policy = pipeline.model_spec.with_lora(sft)
-        module = ZOPrOModule(
-            policy, pipeline.tokenizer, reward, GaussianSampler(), seed=0,
-            **OmegaConf.to_container(cfg.policy, resolve=True),
-        )
-        # time the rollout's pieces where they are called
-        rollout_module.generate_completions = timed(
-            "generation", rollout_module.generate_completions
-        )
-        rollout_module.decode_completions = timed("decoding", rollout_module.decode_completions)
-        rollout_module.batched_logprobs = timed("logprobs_policy_and_reference",
-                                                rollout_module.batched_logprobs)
-        rollout_module.score_completions = timed("reward_model_scoring",
-                                                 rollout_module.score_completions)
-        prompts = list(pipeline.task.train_prompts[: cfg.loop.batch_size])
-        params = module.trainable_parameters
-        zo = ZerothOrderOptimizer(params.items(), GaussianSampler(), lr=1e-3, eps=1e-3,
-                                  num_perturbations=cfg.policy.num_perturbations)
-        adamw = torch.optim.AdamW(params.values(), lr=1e-3)
+        module, prompts = build(cfg, Path(tmp))
+        instrument_rollout(seconds)
+        zo, adamw = optimizers(module)
         for repeat in range(args.repeats + 1):  # the first is a warm-up, dropped
-            start = time.perf_counter()
-            rollout = module.rollout(prompts)
-            seconds["rollout_total"].append(time.perf_counter() - start)
-
-            def loss_fn(r=rollout):
-                with torch.inference_mode():
-                    return module.surrogate_loss([r])
-
-            start = time.perf_counter()
-            loss_fn()
-            seconds["one_loss_evaluation"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            zo.step(loss_fn=loss_fn, seed=repeat)
-            seconds["zeroth_order_step"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            adamw.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                new_logprobs = completion_logprobs(
-                    policy, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
-                    cfg.policy.temperature,
-                )
-                loss = clipped_surrogate(
-                    new_logprobs, rollout.old_logprobs, rollout.advantages, cfg.policy.clip_range
-                ).mean()
-                loss.backward()
-            adamw.step()
-            adamw.zero_grad(set_to_none=True)
-            seconds["first_order_step"].append(time.perf_counter() - start)
+            time_update(module, prompts, repeat, zo, adamw, seconds)
             if repeat == 0:
                 seconds.clear()
+    payload = summarise(cfg, args.repeats, seconds)
+    write_results("profile_update", payload, args.out)
+    for name, value in payload["median_seconds"].items():
+        print(f"{name:>32}: {value * 1000:8.1f} ms")
+    rollout_total = payload["median_seconds"]["rollout_total"]
+    print(f"a ZO step costs {payload['extra_zeroth_order_step_over_rollout']:.2f} x a rollout; "
+          f"FO step {payload['median_seconds']['first_order_step'] / rollout_total:.2f} x")
+    return payload
+
+
+def build(cfg, tmp: Path):
+    """The default run's policy module (SFT'd tiny Llama with LoRA, the reward model from the
+    same base; a Gaussian sampler) and one update's prompts."""
+    from hydra.utils import instantiate
+
+    from zopro_lightning.policy.module import ZOPrOModule
+    from zopro_lightning.run.pipeline import Pipeline
+    from zopro_lightning.zo.samplers import GaussianSampler
+
+    pipeline = Pipeline(cfg, tmp)
+    sft = pipeline.supervised_fine_tuning()
+    reward = pipeline.build_reward_model()
+    policy = pipeline.model_spec.with_lora(sft)
+    settings = {group: instantiate(node) for group, node in cfg.policy.items()}
+    module = ZOPrOModule(
+        policy, pipeline.tokenizer, reward, GaussianSampler(), seed=0, **settings
+    )
+    return module, list(pipeline.task.train_prompts[: cfg.loop.batch_size])
+
+
+def timed(seconds: dict[str, list[float]], name: str, fn):
+    """``fn``, its every call's seconds appended to ``seconds[name]``."""
+
+    def wrapper(*a, **kw):
+        start = time.perf_counter()
+        out = fn(*a, **kw)
+        seconds[name].append(time.perf_counter() - start)
+        return out
+
+    return wrapper
+
+
+def instrument_rollout(seconds: dict[str, list[float]]) -> None:
+    """Time the rollout's pieces where they are called (``zopro_lightning.rl.rollout``)."""
+    from zopro_lightning.rl import rollout as rollout_module
+
+    for attribute, name in (
+        ("generate_completions", "generation"),
+        ("decode_completions", "decoding"),
+        ("batched_logprobs", "logprobs_policy_and_reference"),
+        ("score_completions", "reward_model_scoring"),
+    ):
+        function = getattr(rollout_module, attribute)
+        setattr(rollout_module, attribute, timed(seconds, name, function))
+
+
+def optimizers(module):
+    """A zeroth-order optimizer (q of ``policy.spsa``) and AdamW over the trainable tensors."""
+    import torch
+
+    from zopro_lightning.zo.optim import SPSASettings, ZerothOrderOptimizer
+    from zopro_lightning.zo.samplers import GaussianSampler
+
+    params = module.trainable_parameters
+    settings = SPSASettings(eps=1e-3, num_perturbations=module.spsa_settings.num_perturbations)
+    zo = ZerothOrderOptimizer(params.items(), GaussianSampler(), settings, lr=1e-3)
+    return zo, torch.optim.AdamW(params.values(), lr=1e-3)
+
+
+def time_update(
+    module, prompts: list[str], repeat: int, zo, adamw, seconds: dict[str, list[float]]
+) -> None:
+    """One rollout, one loss evaluation, a zeroth-order step and a first-order AdamW step on
+    it, each timed."""
+    import torch
+
+    start = time.perf_counter()
+    rollout = module.rollout(prompts)
+    seconds["rollout_total"].append(time.perf_counter() - start)
+
+    def loss_fn(r=rollout):
+        with torch.inference_mode():
+            return module.surrogate_loss([r])
+
+    for name, step in (
+        ("one_loss_evaluation", loss_fn),
+        ("zeroth_order_step", lambda: zo.step(loss_fn=loss_fn, seed=repeat)),
+        ("first_order_step", lambda: first_order_step(module, rollout, adamw)),
+    ):
+        start = time.perf_counter()
+        step()
+        seconds[name].append(time.perf_counter() - start)
+
+
+def first_order_step(module, rollout, adamw) -> None:
+    """Forward, backward and AdamW on the clipped surrogate of ``rollout``."""
+    import torch
+
+    from zopro_lightning.rl.objectives import clipped_surrogate
+    from zopro_lightning.rl.rollout import completion_logprobs
+
+    settings = module.rollout_settings
+    adamw.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        new_logprobs = completion_logprobs(
+            module.policy, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
+            settings.temperature,
+        )  # fmt: skip
+        loss = clipped_surrogate(
+            new_logprobs, rollout.old_logprobs, rollout.advantages, settings.clip_range
+        ).mean()
+        loss.backward()
+    adamw.step()
+    adamw.zero_grad(set_to_none=True)
+
+
+def summarise(cfg, repeats: int, seconds: dict[str, list[float]]) -> dict:
+    """``profile_update.json``: medians, the rollout's shares, the two updates' seconds."""
     median = {name: statistics.median(values) for name, values in seconds.items()}
     rollout_total = median["rollout_total"]
     shares = {
@@ -121,12 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ("generation", "decoding", "logprobs_policy_and_reference",
                      "reward_model_scoring")
     }
-    payload = {
+    rollout, spsa = cfg.policy.rollout, cfg.policy.spsa
+    return {
         "environment": environment(),
-        "batch": {"prompts": cfg.loop.batch_size, "k": cfg.policy.k,
-                  "max_new_tokens": cfg.policy.max_new_tokens,
-                  "num_perturbations": cfg.policy.num_perturbations},
-        "repeats": args.repeats,
+        "batch": {"prompts": cfg.loop.batch_size, "k": rollout.k,
+                  "max_new_tokens": rollout.max_new_tokens,
+                  "num_perturbations": spsa.num_perturbations},
+        "repeats": repeats,
         "median_seconds": median,
         "share_of_rollout": shares,
         "zeroth_order_update_seconds": rollout_total + median["zeroth_order_step"],
@@ -134,12 +188,6 @@ def main(argv: list[str] | None = None) -> dict:
         "extra_zeroth_order_step_over_rollout": median["zeroth_order_step"] / rollout_total,
         "all_seconds": dict(seconds),
     }
-    write_results("profile_update", payload, args.out)
-    for name, value in median.items():
-        print(f"{name:>32}: {value * 1000:8.1f} ms")
-    print(f"a ZO step costs {payload['extra_zeroth_order_step_over_rollout']:.2f} x a rollout; "
-          f"FO step {median['first_order_step'] / rollout_total:.2f} x")
-    return payload
 
 
 if __name__ == "__main__":

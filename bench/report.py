@@ -111,6 +111,15 @@ def memory_section(result: dict, name: str) -> list[str]:
     memory, model = result.get("memory"), result.get("memory_model")
     if not memory or not model:
         return []
+    return (
+        measured_memory_lines(result, name, memory)
+        + memory_model_lines(result, model)
+        + gpu_limit_lines(model["gpu"])
+    )
+
+
+def measured_memory_lines(result: dict, name: str, memory: list[dict]) -> list[str]:
+    """The measured table: bytes per model parameter of each operation, per size and mode."""
     ops = [op for op in OPERATION_NAMES if any(m["operation"] == op for m in memory)]
     lines = [
         f"**Memory per parameter** (`{name}`, measured): peak resident memory above the process "
@@ -128,24 +137,29 @@ def memory_section(result: dict, name: str) -> list[str]:
     for size, mode in keys:
         by_op = {m["operation"]: m for m in memory if (m["size"], m["mode"]) == (size, mode)}
         first = next(iter(by_op.values()))
-        cells = []
-        for op in ops:
-            m = by_op.get(op)
-            if m is None:
-                cells.append("–")
-            elif op == "forward":
-                cells.append(f"{m['bytes_per_param']:.1f}")
-            else:
-                extra = m["extra_over_forward_bytes_per_trainable"]
-                cells.append(f"{m['bytes_per_param']:.1f} (+{max(extra, 0):.1f})")
+        cells = [memory_cell(op, by_op.get(op)) for op in ops]
         lines.append(
             f"| {size}, {mode} | {first['params_total'] / 1e6:.1f} M | "
             f"{first['params_trainable']:,} | " + " | ".join(cells) + " |"
         )
+    return lines
+
+
+def memory_cell(op: str, m: dict | None) -> str:
+    if m is None:
+        return "–"
+    if op == "forward":
+        return f"{m['bytes_per_param']:.1f}"
+    extra = m["extra_over_forward_bytes_per_trainable"]
+    return f"{m['bytes_per_param']:.1f} (+{max(extra, 0):.1f})"
+
+
+def memory_model_lines(result: dict, model: dict) -> list[str]:
+    """The fitted memory model, its worst error and ZO-Adam's predicted (unfitted) errors."""
     groups = model["coefficients"]
     checks = [p for p in model["points"] if not p["in_fit"]]
     worst_fit = max(abs(p["relative_error"]) for p in model["points"] if p["in_fit"])
-    lines += [
+    return [
         "",
         "Memory model (`bench/memory_model.py`"
         + (
@@ -168,8 +182,11 @@ def memory_section(result: dict, name: str) -> list[str]:
         + ", ".join(f"{p['size']} {p['mode']} {p['relative_error']:+.1%}" for p in checks)
         + ".",
     ]
-    gpu = model["gpu"]
-    lines += [
+
+
+def gpu_limit_lines(gpu: dict) -> list[str]:
+    """The extrapolated table: the largest Llama-shaped model per mode on one GPU."""
+    lines = [
         "",
         f"**Largest Llama-shaped model on one {gpu['budget_bytes'] / 1e9:.0f} GB GPU** "
         f"(extrapolated from the model above, not measured on a GPU): bf16 weights, "
@@ -190,8 +207,7 @@ def memory_section(result: dict, name: str) -> list[str]:
             f"**{m['params'] / 1e9:.1f} B** (h {m['hidden']:.0f}, {m['layers']:.0f} layers) | "
             f"{m['params_state_only'] / 1e9:.1f} B |"
         )
-    lines += [""] + [f"- {key}: {text}" for key, text in gpu["assumptions"].items()] + [""]
-    return lines
+    return lines + [""] + [f"- {key}: {text}" for key, text in gpu["assumptions"].items()] + [""]
 
 
 def schedules_section() -> list[str]:

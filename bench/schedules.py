@@ -248,7 +248,8 @@ def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, list[str]]]:
+    """The arguments, and each method's own overrides (``--set METHOD:KEY=VALUE``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -260,16 +261,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-
     extra: dict[str, list[str]] = {m: [] for m in METHODS}
     for item in args.set:
         method, _, override = item.partition(":")
         if method not in METHODS or not override:
             parser.error(f"--set {item!r}: use METHOD:KEY=VALUE with METHOD in {list(METHODS)}")
         extra[method].append(override)
+    return args, extra
+
+
+def run_curves(
+    args: argparse.Namespace, extra: dict[str, list[str]]
+) -> tuple[dict[str, dict[int, dict]], dict[str, list[str]]]:
+    """Every seed's base run and each method's branch from it: the curves, by method and seed,
+    and each method's overrides."""
     curves: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
     settings: dict[str, list[str]] = {}
-    started = time.perf_counter()
     for seed in args.seeds:
         base = base_run(seed, args.common, args.workdir)
         for method in args.methods:
@@ -288,6 +295,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = curves[method][seed]
             print(f"seed {seed} {method}: gold {[round(g, 4) for g in row['gold']]}"
                   f" seconds {[round(s, 1) for s in row['seconds']]}", flush=True)
+    return curves, settings
+
+
+def print_payload(payload: dict[str, Any]) -> None:
+    for method, row in payload["methods"].items():
+        g, w = row["gain_iterations_1_to_T"], row["gain_from_sft"]
+        print(f"{method:>14}: gain 1..T {g['mean']:+.4f} ± {g['se']:.4f}   "
+              f"from SFT {w['mean']:+.4f} ± {w['se']:.4f}   "
+              f"seconds 1..T {row['policy_seconds_iterations_1_to_T']:.1f}")
+    for key, row in payload["paired"].items():
+        print(f"{key:>24}: {row['mean']:+.4f} ± {row['se']:.4f} (ratio {row['ratio']})")
+    for key, value in payload["targets"].items():
+        print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, extra = parse_args(argv)
+    started = time.perf_counter()
+    curves, settings = run_curves(args, extra)
     name = "schedules" + (f"_{args.tag}" if args.tag else "")
     out = args.out or RESULTS / f"{name}.json"
     payload = {
@@ -301,15 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload["targets"] = targets(curves, payload["methods"], payload["paired"])
     write_results(name, payload, out)
     plot(curves, out.with_suffix(".png"))
-    for method, row in payload["methods"].items():
-        g, w = row["gain_iterations_1_to_T"], row["gain_from_sft"]
-        print(f"{method:>14}: gain 1..T {g['mean']:+.4f} ± {g['se']:.4f}   "
-              f"from SFT {w['mean']:+.4f} ± {w['se']:.4f}   "
-              f"seconds 1..T {row['policy_seconds_iterations_1_to_T']:.1f}")
-    for key, row in payload["paired"].items():
-        print(f"{key:>24}: {row['mean']:+.4f} ± {row['se']:.4f} (ratio {row['ratio']})")
-    for key, value in payload["targets"].items():
-        print(f"{key}: {value}")
+    print_payload(payload)
     return payload
 
 

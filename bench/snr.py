@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--iteration", type=int, default=0)
@@ -46,19 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
+
+def load_run(args: argparse.Namespace):
+    """The run's pipeline, its state after ``--iteration``, the policy and reward model with
+    that state's weights, and the iteration's update ``mu`` (by tensor name)."""
     from omegaconf import OmegaConf
 
     from zopro_lightning.models.loading import load_causal_lm, state_difference
-    from zopro_lightning.policy.module import ZOPrOModule
-    from zopro_lightning.rl.objectives import clipped_surrogate
-    from zopro_lightning.rl.rollout import completion_logprobs
     from zopro_lightning.run.pipeline import Pipeline, load_trainable
     from zopro_lightning.run.state import load_state
-    from zopro_lightning.zo.samplers import GaussianSampler, ZOPrOSampler
-    from zopro_lightning.zo.spsa import tensor_generator
 
     cfg = OmegaConf.load(args.run_dir / "run_config.yaml")
     cfg.resume = str(args.run_dir)
@@ -70,102 +68,151 @@ def main(argv: list[str] | None = None) -> dict:
     load_trainable(policy, state["policy"])
     reward = pipeline.build_reward_model()
     load_trainable(reward.model, state["reward"])
-    before = {}
     if args.iteration > 0:
         before = load_state(args.run_dir, f"iteration_{args.iteration - 1}")["policy"]
     else:  # iteration 0 starts from a fresh adapter: LoRA B = 0, A as initialised (seeded)
         pipeline.seed_phase("policy")
         fresh = pipeline.model_spec.with_lora(load_causal_lm(args.run_dir / "sft"))
         before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
-    mu = state_difference(state["policy"], before)
-    module = ZOPrOModule(policy, pipeline.tokenizer, reward, GaussianSampler(), seed=cfg.seed,
-                         **OmegaConf.to_container(cfg.policy, resolve=True))
-    params = module.trainable_parameters
-    names = list(params)
-    batch = cfg.loop.batch_size
-    start = pipeline.schedule.updates_of(args.iteration) * batch * (args.iteration + 1)
-    prompts = list(pipeline.task.train_prompts)
+    return pipeline, state, policy, reward, state_difference(state["policy"], before)
 
-    def flat(tensors) -> torch.Tensor:
-        return torch.cat([tensors[n].detach().double().flatten() for n in names])
 
-    def population_gradient(reward_weights, offset: int = 0) -> list:
-        """Batch gradients on ``--batches`` rollouts (sampling seeds ``offset + b``)."""
-        load_trainable(reward.model, reward_weights)
+class GradientProbe:
+    """Exact batch gradients ``[D]`` of the clipped surrogate at the run's policy, on rollout
+    batches of the next chunk's prompts (a ``ZOPrOModule`` with the run's settings)."""
+
+    def __init__(self, args: argparse.Namespace, pipeline, policy, reward) -> None:
+        from hydra.utils import instantiate
+
+        from zopro_lightning.policy.module import ZOPrOModule
+        from zopro_lightning.zo.samplers import GaussianSampler
+
+        cfg = pipeline.cfg
+        settings = {group: instantiate(node) for group, node in cfg.policy.items()}
+        self.module = ZOPrOModule(
+            policy, pipeline.tokenizer, reward, GaussianSampler(), seed=cfg.seed, **settings
+        )
+        self.args, self.policy, self.reward = args, policy, reward
+        self.params = self.module.trainable_parameters
+        self.names = list(self.params)
+        self.batch = cfg.loop.batch_size
+        iteration = args.iteration
+        self.start = pipeline.schedule.updates_of(iteration) * self.batch * (iteration + 1)
+        self.prompts = list(pipeline.task.train_prompts)
+
+    def flat(self, tensors):
+        import torch
+
+        return torch.cat([tensors[n].detach().double().flatten() for n in self.names])
+
+    def population_gradient(self, reward_weights, offset: int = 0) -> list:
+        """Batch gradients on ``--batches`` rollouts (sampling seeds ``offset + b``), under
+        the reward model with ``reward_weights``."""
+        import torch
+
+        from zopro_lightning.rl.objectives import clipped_surrogate
+        from zopro_lightning.rl.rollout import completion_logprobs
+        from zopro_lightning.run.pipeline import load_trainable
+
+        load_trainable(self.reward.model, reward_weights)
+        settings, prompts, batch = self.module.rollout_settings, self.prompts, self.batch
         found = []
-        for b in range(args.batches):
-            chunk = [prompts[(start + b * batch + i) % len(prompts)] for i in range(batch)]
-            module.policy_updates = offset + b
-            rollout = module.rollout(chunk)
-            policy.zero_grad(set_to_none=True)
+        for b in range(self.args.batches):
+            chunk = [prompts[(self.start + b * batch + i) % len(prompts)] for i in range(batch)]
+            self.module.policy_updates = offset + b
+            rollout = self.module.rollout(chunk)
+            self.policy.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                logprobs = completion_logprobs(policy, rollout.input_ids, rollout.attention_mask,
-                                               rollout.completion_mask, cfg.policy.temperature)
+                logprobs = completion_logprobs(self.policy, rollout.input_ids,
+                                               rollout.attention_mask, rollout.completion_mask,
+                                               settings.temperature)
                 loss = clipped_surrogate(logprobs, rollout.old_logprobs, rollout.advantages,
-                                         cfg.policy.clip_range).mean()
+                                         settings.clip_range).mean()
                 loss.backward()
-            found.append(flat({n: p.grad for n, p in params.items()}))
+            found.append(self.flat({n: p.grad for n, p in self.params.items()}))
         return found
 
-    # the reward model before this iteration's refinement: what the policy was trained on
-    earlier = load_state(args.run_dir, "start" if args.iteration == 0 else
-                         f"iteration_{args.iteration - 1}")["reward"]
-    gradient_before = torch.stack(population_gradient(earlier, offset=1000)).mean(0)
-    # the same gradient from other rollouts: the ceiling two noisy estimates can reach
-    gradient_again = torch.stack(population_gradient(state["reward"], offset=1000)).mean(0)
-    grads = population_gradient(state["reward"])  # [B] of [D], the refined reward model
-    policy.zero_grad(set_to_none=True)
-    grads_t = torch.stack(grads)  # [B, D]
-    total = grads_t.sum(0)
 
-    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(a @ b / (a.norm() * b.norm() + 1e-30))
+def cos(a, b) -> float:
+    return float(a @ b / (a.norm() * b.norm() + 1e-30))
 
-    loo = [(total - grads_t[b]) / (len(grads) - 1) for b in range(len(grads))]
-    candidates = {"update": mu, **{k: v for k, v in state.get("directions", {}).items()
-                                   if k == "gradient"}}
+
+def samplers_for(candidates: dict) -> dict:
+    """The Gaussian sampler and ZOPrO's at ``d = 0.999`` and ``d = 0`` along each candidate."""
+    from zopro_lightning.zo.samplers import GaussianSampler, ZOPrOSampler
+
     samplers: dict = {"gaussian": GaussianSampler()}
     for label, direction in candidates.items():
         for d in (0.999, 0.0):
             sampler = ZOPrOSampler(decay="constant", initial_decay=d)
             sampler.set_directions(direction, None)
             samplers[f"zopro_{label}_d{d}"] = sampler
-    results: dict[str, dict] = {
-        "first_order": {
-            "cos_with_population_gradient": [cos(g, t) for g, t in zip(grads, loo, strict=True)]
-        }
+    return samplers
+
+
+def spsa_cosines(probe: GradientProbe, sampler, grads: list, loo: list) -> dict:
+    """``cos(mean of K estimates g z, G_{-b})`` over ``--draws`` groups per batch, per ``K``:
+    mean and standard error."""
+    import torch
+
+    from zopro_lightning.zo.spsa import tensor_generator
+
+    args = probe.args
+    per_k: dict[str, list[float]] = {str(k): [] for k in args.ks}
+    for b, (gradient, target) in enumerate(zip(grads, loo, strict=True)):
+        estimates = []
+        for draw in range(args.draws * max(args.ks)):
+            seed = 1_000_003 * b + draw
+            z = probe.flat({n: sampler.sample(n, p, tensor_generator(seed, n, p.device))
+                            for n, p in probe.params.items()})
+            estimates.append(float(gradient @ z) * z)
+        for k in args.ks:
+            for i in range(args.draws):
+                mean = torch.stack(estimates[i * k:(i + 1) * k]).mean(0)
+                per_k[str(k)].append(cos(mean, target))
+    return {
+        f"K={k}": {"mean_cos": statistics.fmean(v), "se": statistics.stdev(v) / math.sqrt(len(v))}
+        for k, v in per_k.items()
     }
-    for label, sampler in samplers.items():
-        per_k: dict[str, list[float]] = {str(k): [] for k in args.ks}
-        for b, (gradient, target) in enumerate(zip(grads, loo, strict=True)):
-            estimates = []
-            for draw in range(args.draws * max(args.ks)):
-                seed = 1_000_003 * b + draw
-                z = flat({n: sampler.sample(n, p, tensor_generator(seed, n, p.device))
-                          for n, p in params.items()})
-                estimates.append(float(gradient @ z) * z)
-            for k in args.ks:
-                for i in range(args.draws):
-                    mean = torch.stack(estimates[i * k:(i + 1) * k]).mean(0)
-                    per_k[str(k)].append(cos(mean, target))
-        results[f"spsa_{label}"] = {
-            f"K={k}": {"mean_cos": statistics.fmean(v),
-                       "se": statistics.stdev(v) / math.sqrt(len(v))}
-            for k, v in per_k.items()
-        }
-    first = results["first_order"]["cos_with_population_gradient"]
-    results["first_order"] = {"mean_cos": statistics.fmean(first),
-                              "se": statistics.stdev(first) / math.sqrt(len(first))}
-    mu_flat = flat(mu)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from zopro_lightning.run.state import load_state
+
+    pipeline, state, policy, reward, mu = load_run(args)
+    probe = GradientProbe(args, pipeline, policy, reward)
+    # the reward model before this iteration's refinement: what the policy was trained on
+    earlier = load_state(args.run_dir, "start" if args.iteration == 0 else
+                         f"iteration_{args.iteration - 1}")["reward"]
+    gradient_before = torch.stack(probe.population_gradient(earlier, offset=1000)).mean(0)
+    # the same gradient from other rollouts: the ceiling two noisy estimates can reach
+    gradient_again = torch.stack(probe.population_gradient(state["reward"], offset=1000)).mean(0)
+    grads = probe.population_gradient(state["reward"])  # [B] of [D], the refined reward model
+    policy.zero_grad(set_to_none=True)
+    grads_t = torch.stack(grads)  # [B, D]
+    total = grads_t.sum(0)
+    loo = [(total - grads_t[b]) / (len(grads) - 1) for b in range(len(grads))]
+    candidates = {"update": mu, **{k: v for k, v in state.get("directions", {}).items()
+                                   if k == "gradient"}}
+    first = [cos(g, t) for g, t in zip(grads, loo, strict=True)]
+    results: dict[str, dict] = {
+        f"spsa_{label}": spsa_cosines(probe, sampler, grads, loo)
+        for label, sampler in samplers_for(candidates).items()
+    }
+    results = {"first_order": {"mean_cos": statistics.fmean(first),
+                               "se": statistics.stdev(first) / math.sqrt(len(first))}} | results
     payload = {
         "environment": environment(),
         "run_dir": str(args.run_dir),
         "iteration": args.iteration,
-        "trainable_values": int(mu_flat.numel()),
+        "trainable_values": int(probe.flat(mu).numel()),
         "batches": args.batches,
         "draws": args.draws,
         "cos_population_gradient_mu": {
-            label: cos(total, flat(direction)) for label, direction in candidates.items()
+            label: cos(total, probe.flat(direction)) for label, direction in candidates.items()
         },
         "cos_population_gradient_mu_descent_sign": "negative: -G points along +mu",
         "cos_population_gradient_before_refinement": cos(total, gradient_before),
@@ -175,6 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     write_results("snr", payload, args.out)
+    print_payload(payload)
+    return payload
+
+
+def print_payload(payload: dict) -> None:
+    results = payload["results"]
     print(f"D = {payload['trainable_values']}, cos(G, mu) = "
           f"{payload['cos_population_gradient_mu']}, cos(G, G before refinement) = "
           f"{payload['cos_population_gradient_before_refinement']:.3f} (other rollouts, same "
@@ -183,7 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
     for key, rows in results.items():
         if key.startswith("spsa"):
             print(key, {k: round(v["mean_cos"], 5) for k, v in rows.items()})
-    return payload
 
 
 if __name__ == "__main__":

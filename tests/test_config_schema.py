@@ -51,31 +51,31 @@ def no_training(monkeypatch):
 
 # (override, text the message must hold: option and bad value, then what is valid)
 BAD_VALUES = [
-    ("policy.eps=-1e-3", "policy.eps=-0.001: out of range", "a finite number > 0"),
-    ("policy.eps=0", "policy.eps=0: out of range", "a finite number > 0"),
+    ("policy.spsa.eps=-1e-3", "policy.spsa.eps=-0.001: out of range", "a finite number > 0"),
+    ("policy.spsa.eps=0", "policy.spsa.eps=0: out of range", "a finite number > 0"),
     ("loop.first_order_lr=0", "loop.first_order_lr=0: out of range", "> 0"),
     ("loop.zeroth_order_lr=nan", "loop.zeroth_order_lr=nan: not finite", "> 0"),
     ("loop.refine.lr=-1", "loop.refine.lr=-1: out of range", "> 0"),
     ("sft.lr=inf", "sft.lr=inf: not finite", "a finite number > 0"),
     ("reward_model.lr=0", "reward_model.lr=0: out of range", "> 0"),
-    ("policy.k=1", "policy.k=1: out of range", "an integer >= 2"),
-    ("policy.temperature=0", "policy.temperature=0: out of range", "> 0"),
+    ("policy.rollout.k=1", "policy.rollout.k=1: out of range", "an integer >= 2"),
+    ("policy.rollout.temperature=0", "policy.rollout.temperature=0: out of range", "> 0"),
     ("loop.batch_size=0", "loop.batch_size=0: out of range", "an integer >= 1"),
     ("loop.batch_size=2.5", "loop.batch_size=2.5: not an integer", "an integer >= 1"),
     ("loop.steps_per_iteration=-2", "loop.steps_per_iteration=-2: out of range", ">= 1"),
     ("loop.iterations=0", "loop.iterations=0: out of range", "an integer >= 1"),
     ("loop.iterations=abc", "loop.iterations='abc': not an integer", "an integer >= 1"),
-    ("policy.num_perturbations=0", "policy.num_perturbations=0: out of range", ">= 1"),
-    ("policy.clip_range=0", "policy.clip_range=0: out of range", "> 0"),
-    ("policy.beta=-0.1", "policy.beta=-0.1: out of range", "a finite number >= 0"),
-    ("policy.eps=small", "policy.eps='small': not a number", "a finite number > 0"),
+    ("policy.spsa.num_perturbations=0", "policy.spsa.num_perturbations=0: out of range", ">= 1"),
+    ("policy.rollout.clip_range=0", "policy.rollout.clip_range=0: out of range", "> 0"),
+    ("policy.rollout.beta=-0.1", "policy.rollout.beta=-0.1: out of range", "a finite number >= 0"),
+    ("policy.spsa.eps=small", "policy.spsa.eps='small': not a number", "a finite number > 0"),
     ("sft.max_length=1", "sft.max_length=1: out of range", "null or an integer >= 2"),
     ("reward_model.warmup_fraction=1", "reward_model.warmup_fraction=1: out of range", "[0, 1)"),
     ("++loop.schedule=sideways", "loop.schedule='sideways': not a known choice", "zeroth_order"),
-    ("policy.zo_steps_per_update=0", "policy.zo_steps_per_update=0: out of range", ">= 1"),
+    ("policy.spsa.steps_per_update=0", "policy.spsa.steps_per_update=0: out of range", ">= 1"),
     ("sampler.direction=sideways", "sampler.direction='sideways': not a known choice", "gradient"),
     ("sampler.sampler.smoothing=1", "sampler.sampler.smoothing=1: out of range", "[0, 1)"),
-    ("++policy.zo_rule=lbfgs", "policy.zo_rule='lbfgs': not a known choice", "sgd, momentum, adam"),
+    ("policy.spsa.rule=lbfgs", "policy.spsa.rule='lbfgs': not a known choice", "momentum, adam"),
 ]
 
 
@@ -93,8 +93,8 @@ def test_bad_value_is_named_with_its_valid_range_before_any_work(
 
 
 def test_every_problem_is_listed_at_once():
-    found = problems("policy.k=1", "loop.iterations=0", "sft.lr=-1")
-    assert [p.split(":")[0] for p in found] == ["policy.k=1", "loop.iterations=0", "sft.lr=-1"]
+    bad = ["policy.rollout.k=1", "loop.iterations=0", "sft.lr=-1"]
+    assert [p.split(":")[0] for p in problems(*bad)] == bad
 
 
 def test_unknown_and_new_keys_are_tolerated():
@@ -111,20 +111,20 @@ def test_rule_ranges_read_as_words():
     assert Rule("x", float, gt=0, lt=1).valid() == "a finite number in (0, 1)"
     assert Rule("x", int, ge=1, nullable=True).valid() == "null or an integer >= 1"
     assert {rule.key for rule in RULES} >= {
-        "policy.eps",
+        "policy.spsa.eps",
         "loop.first_order_lr",
         "loop.zeroth_order_lr",
         "loop.refine.lr",
         "sft.lr",
         "reward_model.lr",
-        "policy.k",
-        "policy.temperature",
+        "policy.rollout.k",
+        "policy.rollout.temperature",
         "loop.batch_size",
         "loop.steps_per_iteration",
         "loop.iterations",
-        "policy.num_perturbations",
-        "policy.clip_range",
-        "policy.beta",
+        "policy.spsa.num_perturbations",
+        "policy.rollout.clip_range",
+        "policy.rollout.beta",
     }
 
 
@@ -218,7 +218,7 @@ def test_shipped_dataset_configs_fit_the_default_tiny_model(dataset):
 def test_published_experiments_pass(experiment):
     assert problems(f"experiment={experiment}") == []
     cfg = config(f"experiment={experiment}")
-    prompt, new = cfg.dataset.task.max_prompt_tokens, cfg.policy.max_new_tokens
+    prompt, new = cfg.dataset.task.max_prompt_tokens, cfg.policy.rollout.max_new_tokens
     assert prompt + new <= cfg.sft.max_length and prompt + new <= cfg.reward_model.max_length
 
 
@@ -226,8 +226,8 @@ def test_prompt_bound_over_the_context_is_refused():
     found = problems("dataset=hh_rlhf", "judge=llm", "dataset.task.max_prompt_tokens=256")
     assert len(found) == 2
     assert found[0].startswith(
-        "dataset.task.max_prompt_tokens=256 + policy.max_new_tokens=16 = 272 tokens do not fit "
-        "the policy's context of 128 tokens (model.tiny.max_position_embeddings)"
+        "dataset.task.max_prompt_tokens=256 + policy.rollout.max_new_tokens=16 = 272 tokens do "
+        "not fit the policy's context of 128 tokens (model.tiny.max_position_embeddings)"
     )
     assert "dataset.task.max_prompt_tokens <= 112" in found[0]
     assert "exceed sft.max_length=128" in found[1] and "sft.max_length >= 272" in found[1]
@@ -259,6 +259,6 @@ def test_default_hh_setup_keeps_every_sft_example():
     tokenizer = build_word_tokenizer(task.corpus())
     longest = max(len(tokenizer(p)["input_ids"]) for p in task.train_prompts + task.eval_prompts)
     assert longest <= cfg.dataset.task.max_prompt_tokens
-    assert longest + cfg.policy.max_new_tokens <= cfg.model.tiny.max_position_embeddings
+    assert longest + cfg.policy.rollout.max_new_tokens <= cfg.model.tiny.max_position_embeddings
     kept = sft_examples_that_fit(task.sft_examples, tokenizer, cfg.sft.max_length)
     assert len(kept) == len(task.sft_examples) > 0

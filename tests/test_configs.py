@@ -86,6 +86,29 @@ def test_completion_table_callback_config_instantiates():
     assert isinstance(callback, CompletionTable) and callback.every_n_updates == 5
 
 
+@pytest.mark.parametrize(
+    "experiment", [None, *sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))]
+)
+def test_policy_groups_build_the_modules_settings(experiment):
+    """``policy.optimizer``, ``policy.rollout``, ``policy.spsa``: each builds its settings
+    object (checked on construction), as ``ZOPrOModule`` takes them."""
+    from zopro_lightning.policy.optimization import OptimizerSettings
+    from zopro_lightning.rl.rollout import RolloutSettings
+    from zopro_lightning.zo.optim import SPSASettings
+
+    overrides = [] if experiment is None else [f"experiment={experiment}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    settings = {group: instantiate(node) for group, node in cfg.policy.items()}
+    assert {group: type(value) for group, value in settings.items()} == {
+        "optimizer": OptimizerSettings,
+        "rollout": RolloutSettings,
+        "spsa": SPSASettings,
+    }
+    assert settings["rollout"].k == cfg.policy.rollout.k
+    assert settings["spsa"].eps == cfg.policy.spsa.eps
+
+
 def test_ddp_trainer_is_multi_gpu_data_parallel(monkeypatch, capsys):
     out = zopro_train_cfg(monkeypatch, capsys, "trainer=ddp", "--cfg", "job", "-p", "trainer")
     trainer = yaml.safe_load(out)
@@ -104,11 +127,11 @@ def test_optuna_search_composes(monkeypatch, capsys):
     assert sweeper["sampler"]["_target_"] == "optuna.samplers.TPESampler"
     assert sweeper["sampler"]["seed"] is not None
     assert set(sweeper["params"]) == {
-        "policy.eps",
+        "policy.spsa.eps",
         "loop.zeroth_order_lr",
         "sampler.sampler.decay",
         "sampler.sampler.initial_decay",
-        "policy.num_perturbations",
+        "policy.spsa.num_perturbations",
     }
 
 
@@ -140,7 +163,7 @@ def test_optuna_search_runs_two_trials(tmp_path):
     assert overrides[0] != overrides[1]  # two sampled points of the search space
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(max(finals))
-    assert "policy.eps" in results["best_params"]
+    assert "policy.spsa.eps" in results["best_params"]
 
 
 # -- SLURM launcher ----------------------------------------------------------------------------
