@@ -1,6 +1,6 @@
 """``ZOPrOModule``: preference optimisation of a causal LM with forward-only SPSA steps.
 
-A ``LightningModule`` with manual optimisation. Each policy update (DESIGN.md §2):
+A ``LightningModule`` with manual optimisation. Each policy update (docs/algorithm.md §2):
 
 1. rollout: ``k`` sampled completions per prompt, scored by ``reward_fn``, with log-probs
    under the current policy (``pi_old``) and the reference policy, the sequence KL and the RLOO
@@ -50,7 +50,7 @@ from zopro_lightning.rl.rollout import (
     completion_logprobs,
 )
 from zopro_lightning.utils.distributed import agree_on_seed, cross_rank_mean
-from zopro_lightning.zo.optim import SPSASettings
+from zopro_lightning.zo.optim import SPSASettings, ZerothOrderOptimizer
 from zopro_lightning.zo.samplers import GaussianSampler, PerturbationSampler
 from zopro_lightning.zo.spsa import derive_seed
 
@@ -196,7 +196,7 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         return cross_rank_mean(values, self.trainer)
 
     # -- Lightning hooks --------------------------------------------------------------------
-    def configure_callbacks(self) -> list:
+    def configure_callbacks(self) -> list[Any]:
         """No callbacks of the module's own. Lightning calls this first when a fit attaches
         the module (before its own checks of the Trainer), so the Trainer options this module
         cannot honour are refused here, naming the module's own option."""
@@ -256,7 +256,7 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         self._log_update(rollouts, step_metrics)
 
     def rollout(self, prompts: list[str], seed: int | None = None) -> Rollout:
-        """Sample, score and prepare one batch (DESIGN.md §2.1); sampled with ``seed``
+        """Sample, score and prepare one batch (docs/algorithm.md §2.1); sampled with ``seed``
         (default: :meth:`rollout_seed`)."""
         self.policy.eval()  # no dropout: the two SPSA evaluations must see the same network
         reference = self.reference_policy if self.rollout_settings.beta > 0 else None
@@ -271,9 +271,9 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
     def surrogate_loss(self, rollouts: list[Rollout], backward: bool = False) -> Tensor:
         """``L(theta) = (1 / N) sum_i max(-A_i rho_i, -A_i clip(rho_i, 1 - c, 1 + c))`` over the
         ``N`` completions of ``rollouts``, ``rho_i = pi_theta(y_i) / pi_old(y_i)`` (sequence
-        level, DESIGN.md §2.2): a scalar, evaluated micro-batch by micro-batch at the current
-        parameters. With ``backward``, each micro-batch's share is back-propagated as it is
-        computed."""
+        level, docs/algorithm.md §2.2): a scalar, evaluated micro-batch by micro-batch at the
+        current parameters. With ``backward``, each micro-batch's share is back-propagated as
+        it is computed."""
         settings = self.rollout_settings
         total_rows = sum(len(r) for r in rollouts)
         total = torch.zeros((), device=self.device)
@@ -293,7 +293,9 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
                 total = total + loss.detach()
         return total
 
-    def _zeroth_order_update(self, optimizer, rollouts: list[Rollout]) -> dict[str, float]:
+    def _zeroth_order_update(
+        self, optimizer: ZerothOrderOptimizer, rollouts: list[Rollout]
+    ) -> dict[str, float]:
         """One :class:`ZerothOrderOptimizer` step on :meth:`surrogate_loss` without autograd,
         seeded by :meth:`step_seed`; its measurements (and the sampler's) as metrics."""
         lr = optimizer.param_groups[0]["lr"]
@@ -316,7 +318,9 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         }
         return metrics | sampler_metrics
 
-    def _first_order_update(self, optimizer, rollouts: list[Rollout]) -> dict[str, float]:
+    def _first_order_update(
+        self, optimizer: torch.optim.Optimizer, rollouts: list[Rollout]
+    ) -> dict[str, float]:
         """One AdamW step on :meth:`surrogate_loss`, back-propagated micro-batch by
         micro-batch (no dropout: the same network the rollout saw)."""
         lr = optimizer.param_groups[0]["lr"]

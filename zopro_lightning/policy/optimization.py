@@ -15,12 +15,16 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from zopro_lightning.zo.optim import SPSASettings, ZerothOrderOptimizer
+
+if TYPE_CHECKING:
+    from zopro_lightning.policy.module import ZOPrOModule
+    from zopro_lightning.rl.rollout import RolloutSettings
 
 T = TypeVar("T")
 OptimizerName = Literal["zeroth_order", "first_order"]
@@ -95,7 +99,7 @@ def given(value: T | None, cls: type[T], option: str) -> T:
 
 
 def flat_settings(
-    optimizer: OptimizerSettings, rollout: Any, spsa: SPSASettings, seed: int
+    optimizer: OptimizerSettings, rollout: RolloutSettings, spsa: SPSASettings, seed: int
 ) -> dict[str, Any]:
     """The settings as one flat dict of plain values (a module's ``hparams``: the loggers'
     config, the checkpoint's ``hyper_parameters``): ``optimizer`` (its name), every other field
@@ -240,7 +244,7 @@ def optimizer_direction(
     return direction
 
 
-def configure(module: Any) -> dict[str, Any]:
+def configure(module: ZOPrOModule) -> dict[str, Any]:
     """``configure_optimizers`` of a ``ZOPrOModule``: AdamW, or a
     :class:`~zopro_lightning.zo.optim.ZerothOrderOptimizer` over
     ``module.zeroth_order_parameters()`` with its restore resolved and, under DDP, the

@@ -1,4 +1,5 @@
-"""RLOO advantages, the sequence-level KL penalty and the clipped surrogate (DESIGN.md §2.1–2.2).
+"""RLOO advantages, the sequence-level KL penalty and the clipped surrogate
+(docs/algorithm.md §2.1–2.2).
 
 Completions are laid out prompt-major: for ``B`` prompts and ``k`` completions each, row
 ``b * k + j`` is completion ``j`` of prompt ``b`` (``N = B * k`` rows in all).
@@ -13,19 +14,6 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from zopro_lightning.rl.rollout import RolloutSettings
-
-
-def sequence_logprob_sums(token_logprobs: Tensor, completion_mask: Tensor) -> Tensor:
-    """``sum_t log pi(y_t)`` over each completion's real tokens.
-
-    Args:
-        token_logprobs: ``[N, T]`` log-probabilities of the sampled tokens.
-        completion_mask: ``[N, T]`` 1 for real completion tokens (up to and including EOS).
-
-    Returns:
-        ``[N]`` sequence log-probabilities.
-    """
-    return (token_logprobs * completion_mask).sum(dim=-1)
 
 
 def sequence_kl(old_logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -120,8 +108,8 @@ def clipped_surrogate(
     """Per-sequence clipped surrogate loss.
 
     ``ratio_i = exp(log pi_theta(y_i) - log pi_old(y_i))`` (sequence level) and
-    ``l_i = max(-A_i ratio_i, -A_i clip(ratio_i, 1 - c, 1 + c))``. The loss of DESIGN.md §2.2 is
-    the mean of ``l_i`` over all completions.
+    ``l_i = max(-A_i ratio_i, -A_i clip(ratio_i, 1 - c, 1 + c))``. The loss of
+    docs/algorithm.md §2.2 is the mean of ``l_i`` over all completions.
 
     Args:
         new_logprobs, old_logprobs, advantages: ``[n]``.

@@ -1,5 +1,5 @@
 """Rollouts: sample ``k`` completions per prompt, score them, and compute log-probabilities and
-the sequence-level KL to the reference policy (DESIGN.md §2.1).
+the sequence-level KL to the reference policy (docs/algorithm.md §2.1).
 
 Log-probabilities are those of the *tempered* sampling distribution (logits divided by the
 temperature ``tau``), for ``pi_old``, ``pi_ref`` and ``pi_theta`` alike, so the ratio and the KL
@@ -124,7 +124,7 @@ def batched_logprobs(
 @dataclass
 class RolloutSettings:
     """How a rollout is sampled, scored and turned into advantages, and the clip of the
-    surrogate evaluated on it (DESIGN.md §2.1-2.2). Checked once, on construction.
+    surrogate evaluated on it (docs/algorithm.md §2.1-2.2). Checked once, on construction.
 
     ``ZOPrOModule(..., rollout=RolloutSettings(...))``; ``zopro-train``: ``policy.rollout.*``.
 
@@ -324,7 +324,7 @@ def collect_rollout(
     config: RolloutSettings,
     reference: Callable[[], AbstractContextManager[nn.Module]] | None,
 ) -> Rollout:
-    """One rollout of the ``B`` prompts, ``N = B k`` rows prompt-major (DESIGN.md §2.1):
+    """One rollout of the ``B`` prompts, ``N = B k`` rows prompt-major (docs/algorithm.md §2.1):
     ``k`` sampled completions a prompt, their rewards ``r`` (minus ``missing_eos_penalty``
     without EOS), sequence log-probs under ``pi_old`` and ``pi_ref``, ``KL = log pi_old -
     log pi_ref``, ``rho = r - beta KL`` and the RLOO advantages of ``rho`` (``A / std(A)``

@@ -320,8 +320,3 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state)
         if extra is not None:
             self.skipped_steps = int(extra["skipped_steps"])
-
-
-def zeroth_order_state_bytes_per_value(rule: UpdateRule) -> int:
-    """Bytes per fp32 trainable value the rule keeps between steps (half for 16-bit weights)."""
-    return {"sgd": 0, "momentum": 4, "adam": 8}[rule]

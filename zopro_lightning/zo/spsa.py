@@ -1,4 +1,4 @@
-"""The two-point SPSA step, seeded and in place (DESIGN.md §2.3).
+"""The two-point SPSA step, seeded and in place (docs/algorithm.md §2.3).
 
 For step seed ``s`` and each of ``q`` perturbations ``j``::
 
