@@ -75,7 +75,7 @@ def test_help_lists_the_config_groups_and_the_main_options():
     assert "sampler: gaussian, rademacher, zopro" in groups
     options = text.split("== Main options")[1].split("\n\n")[0].splitlines()[1:]
     keys = [line.split()[0] for line in options]
-    for key in ("seed", "resume", "loop.iterations", "loop.zeroth_order_lr", "policy.k"):
+    for key in ("seed", "resume", "loop.iterations", "loop.zeroth_order_lr", "policy.rollout.k"):
         assert key in keys, key
     assert len(keys) == len(set(keys))
     # every option listed exists in the composed config, and its line shows its value

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from zopro_lightning.zo import draws
+from zopro_lightning.zo.optim import SPSASettings
 from zopro_lightning.zo.samplers import GaussianSampler, RademacherSampler
 from zopro_lightning.zo.spsa import spsa_step
 
@@ -84,13 +85,12 @@ def test_spsa_step_on_large_tensors_matches_whole_directions(exact_restore, samp
             params,
             loss,
             sampler,
+            SPSASettings(
+                eps=1e-3, num_perturbations=2, exact_restore=exact_restore, cache_directions=cache
+            ),
             seed=5,
-            eps=1e-3,
             lr=0.1,
             weight_decay=0.01,
-            num_perturbations=2,
-            exact_restore=exact_restore,
-            cache_directions=cache,
         )
         results.append((step, params))
     (chunked, chunked_params), (cached, cached_params) = results

@@ -21,6 +21,8 @@ from zopro_lightning.callbacks.interplay import (
 )
 from zopro_lightning.interplay import analyse, load_run
 from zopro_lightning.models.loading import add_lora
+from zopro_lightning.policy.optimization import OptimizerSettings
+from zopro_lightning.rl.rollout import RolloutSettings
 from zopro_lightning.zo.samplers import GaussianSampler, ZOPrOSampler, canonical_name
 
 from .conftest import count_words_reward
@@ -51,9 +53,12 @@ class MemoryLogger(Logger):
         return None
 
 
-def make_module(policy, tokenizer, sampler, **kwargs) -> ZOPrOModule:
-    options = {"k": 2, "max_new_tokens": 5, "lr": 1e-2} | kwargs
-    return ZOPrOModule(policy, tokenizer, count_words_reward, sampler, **options)
+def make_module(policy, tokenizer, sampler, accumulate_batches=1) -> ZOPrOModule:
+    optimizer = OptimizerSettings(lr=1e-2, accumulate_batches=accumulate_batches)
+    rollout = RolloutSettings(k=2, max_new_tokens=5)
+    return ZOPrOModule(
+        policy, tokenizer, count_words_reward, sampler, optimizer=optimizer, rollout=rollout
+    )
 
 
 def fit(module, prompts, callbacks, steps=4, logger=None, batch_size=2) -> L.Trainer:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.run_progress import PHASES, RunProgress
 from zopro_lightning.policy.module import ZOPrOModule
+from zopro_lightning.rl.rollout import RolloutSettings
 from zopro_lightning.run.loggers import STEP_METRIC, instantiate_loggers, logger_nodes
 from zopro_lightning.run.pipeline import run_pipeline
 
@@ -205,7 +206,9 @@ def test_run_progress_counts_updates_over_fits(lora_policy, tokenizer, small_tas
     torch.set_num_threads(1)
     progress = RunProgress()
     logger = CSVLogger(tmp_path, name="", version="")
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=3)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=3)
+    )
     prompts = DataLoader(small_task.train_prompts[:8], batch_size=2, collate_fn=lambda b: b)
     for t in (0, 1):
         progress.enter("policy_learning", t)

@@ -9,6 +9,7 @@ from zopro_lightning.reward.callables import (
     VaderSentimentReward,
     score_completions,
 )
+from zopro_lightning.rl.rollout import RolloutSettings
 
 
 def test_vader_gold_reward_orders_sentiment():
@@ -89,7 +90,9 @@ def test_an_infinite_reward_in_training_is_left_out_counted_and_logged(
     def first_is_infinite(prompts, completions):
         return torch.tensor([float("inf")] + [float(len(c)) for c in completions[1:]])
 
-    module = ZOPrOModule(lora_policy, tokenizer, first_is_infinite, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, first_is_infinite, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     trainer = L.Trainer(
         max_steps=3,
         accelerator="cpu",

@@ -74,7 +74,7 @@ def test_zeroth_order_phase_takes_the_samplers_own_lr_eps_and_schedule():
         "sampler.lr=0.02",
         "sampler.eps=0.004",
         "loop.zeroth_order_lr_schedule=linear",
-        "policy.lr_schedule=constant",
+        "policy.optimizer.lr_schedule=constant",
     )
     schedule = iteration_schedule(cfg)
     assert schedule.optimizer_settings(1) == (

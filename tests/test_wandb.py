@@ -24,7 +24,7 @@ from zopro_lightning.callbacks.completion_table import (
     completion_rows,
 )
 from zopro_lightning.policy.module import ZOPrOModule
-from zopro_lightning.rl.rollout import Rollout
+from zopro_lightning.rl.rollout import Rollout, RolloutSettings
 
 from .conftest import count_words_reward
 
@@ -145,7 +145,9 @@ def test_offline_run_holds_metrics_config_and_completion_tables(
     lora_policy, tokenizer, small_task, offline_wandb
 ):
     torch.set_num_threads(1)
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=4)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)
+    )
     logger = WandbLogger(offline=True, save_dir=str(offline_wandb), project="zopro-test")
     table = CompletionTable(every_n_updates=2, max_rows=3)
     try:
@@ -185,7 +187,9 @@ def test_completion_table_does_nothing_without_a_wandb_logger(
     lora_policy, tokenizer, small_task, tmp_path, offline_wandb
 ):
     torch.set_num_threads(1)
-    module = ZOPrOModule(lora_policy, tokenizer, count_words_reward, k=2, max_new_tokens=3)
+    module = ZOPrOModule(
+        lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=3)
+    )
     logger = CSVLogger(tmp_path / "csv", name="", version="")
     fit_policy(module, small_task.train_prompts[:4], logger, [CompletionTable(1)], steps=2)
     assert not list(tmp_path.rglob("*.table.json")) and not list(tmp_path.rglob("*.wandb"))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from zopro_lightning.reward.callables import RewardFn, score_completions
-from zopro_lightning.rl.rollout import RolloutConfig, decode_completions, generate_completions
+from zopro_lightning.rl.rollout import RolloutSettings, decode_completions, generate_completions
 from zopro_lightning.utils.progress import progress_bar
 
 
@@ -27,7 +27,7 @@ def prompt_mean_rewards(
     tokenizer,
     prompts: Sequence[str],
     gold_reward: RewardFn,
-    config: RolloutConfig,
+    config: RolloutSettings,
     seed: int = 1234,
     batch_size: int = 64,
     progress: str | None = None,

@@ -62,7 +62,7 @@ def generate(
     import torch
 
     from zopro_lightning.models.loading import load_causal_lm, load_tokenizer
-    from zopro_lightning.rl.rollout import RolloutConfig, decode_completions, generate_completions
+    from zopro_lightning.rl.rollout import RolloutSettings, decode_completions, generate_completions
 
     directory = policy_dir(run_dir)
     tokenizer = load_tokenizer(directory)
@@ -74,9 +74,11 @@ def generate(
             raise ValueError(f"--chat: the tokenizer of {directory} has no chat template")
         messages = [{"role": "user", "content": prompt}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    config = RolloutConfig(k=num_samples, temperature=temperature, max_new_tokens=max_new_tokens)
+    config = RolloutSettings(temperature=temperature, max_new_tokens=max_new_tokens)
     torch.manual_seed(seed)
-    input_ids, _, completion_mask, _ = generate_completions(model, tokenizer, [prompt], config)
+    input_ids, _, completion_mask, _ = generate_completions(
+        model, tokenizer, [prompt], config, num_samples=num_samples
+    )
     return decode_completions(tokenizer, input_ids, completion_mask)
 
 

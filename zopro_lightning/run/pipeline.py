@@ -48,7 +48,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from zopro_lightning.callbacks.interplay import InterplaySnapshots, UpdateCosines
@@ -151,7 +151,7 @@ def iteration_schedule(cfg: DictConfig) -> IterationSchedule:
         first_order_lr=float(loop.first_order_lr),
         zeroth_order_lr=float(sampler.get("lr") or loop.zeroth_order_lr),
         zeroth_order_eps=sampler.get("eps"),
-        lr_schedule=str(cfg.policy.lr_schedule),
+        lr_schedule=str(cfg.policy.optimizer.lr_schedule),
         zeroth_order_lr_schedule=loop.get("zeroth_order_lr_schedule"),
     )
 
@@ -490,7 +490,7 @@ class Pipeline:
             reward,
             instantiate(cfg.sampler.sampler),
             seed=cfg.seed,
-            **OmegaConf.to_container(cfg.policy, resolve=True),
+            **{group: instantiate(settings) for group, settings in cfg.policy.items()},
         )
 
     def reward_model_quality(self, reward: HFRewardModel, suffix: str = "") -> None:
