@@ -21,6 +21,9 @@ _EXPORTS = {
     "IterationSchedule": "zopro_lightning.callbacks.zopro",
     "RewardRefinement": "zopro_lightning.reward.refinement",
     "RefinementSettings": "zopro_lightning.reward.refinement",
+    "OptimizerSettings": "zopro_lightning.policy.optimization",
+    "RolloutSettings": "zopro_lightning.rl.rollout",
+    "SPSASettings": "zopro_lightning.zo.optim",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -16,9 +16,10 @@ group:
 Each helper takes a Lightning ``Trainer`` or ``Strategy`` and is the identity on one process.
 
 ``Trainer(strategy="ddp")`` works for zeroth-order training as is (see
-``ZOPrOModule._quiet_ddp_wrapper``). :class:`ZerothOrderDDPStrategy` is the lean variant for
-full-parameter zeroth-order training: it skips the ``DistributedDataParallel`` wrapper, whose
-gradient buckets would hold one more copy of the trainable set (the memory that SPSA saves).
+``zopro_lightning.policy.trainer_options.quiet_ddp_wrapper``). :class:`ZerothOrderDDPStrategy`
+is the lean variant for full-parameter zeroth-order training: it skips the
+``DistributedDataParallel`` wrapper, whose gradient buckets would hold one more copy of the
+trainable set (the memory that SPSA saves).
 """
 
 from __future__ import annotations
