@@ -105,7 +105,7 @@ def test_one_step_over_every_phase_config_and_summary_in_csv_and_wandb(tmp_path)
     assert [row[STEP_METRIC] for row in rows_with_step] == [s for s, _, _ in positions]
     assert wandb_config["sampler"]["name"] == "zopro"
     assert wandb_config["loop"]["zeroth_order_lr"] == 0.0123
-    assert wandb_config["policy"]["k"] == 2
+    assert wandb_config["policy"]["rollout"]["k"] == 2
     assert "lr" not in wandb_config and "eps" not in wandb_config
     wandb_summary, metrics, _run = summary_metrics_and_run(wandb_run)
     assert wandb_summary["gold_reward_final"] == pytest.approx(summary["gold_reward_final"])
