@@ -211,3 +211,18 @@ def test_only_global_rank_zero_writes(lora_policy, tmp_path):
     snapshots.on_train_batch_end(other_rank, module, None, None, 0)
     snapshots.on_train_end(other_rank, module)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_module_with_only_a_policy_is_counted_by_global_step(lora_policy, tmp_path):
+    """The fallbacks of zopro_lightning.policy.protocol: without ``policy_updates`` and
+    ``total_policy_updates``, ``trainer.global_step`` and ``max_steps`` count."""
+    snapshots = InterplaySnapshots(tmp_path, every_fraction=0.5)
+    module = SimpleNamespace(policy=lora_policy)
+    trainer = SimpleNamespace(is_global_zero=True, max_steps=2, global_step=0)
+    snapshots.on_train_start(trainer, module)
+    for step in (1, 2):
+        trainer.global_step = step
+        snapshots.on_train_batch_end(trainer, module, None, None, 0)
+    snapshots.on_train_end(trainer, module)
+    records = json.loads((tmp_path / "interplay" / "index.json").read_text())
+    assert [(r["step"], r["fraction"]) for r in records] == [(0, 0.0), (1, 0.5), (2, 1.0)]

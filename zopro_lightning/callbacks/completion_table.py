@@ -9,6 +9,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from zopro_lightning.callbacks.run_progress import RunProgress
+from zopro_lightning.policy.protocol import learner_or_none
 from zopro_lightning.rl.rollout import Rollout
 
 COLUMNS = ["step", "prompt", "completion", "reward"]
@@ -32,8 +33,9 @@ class CompletionTable(Callback):
     :class:`~zopro_lightning.rl.rollout.Rollout`) as a W&B table ``key`` with the columns
     ``step`` (policy updates so far), ``prompt``, ``completion`` and ``reward``, through each
     :class:`~lightning.pytorch.loggers.WandbLogger` of the trainer (``log_table``; rank zero
-    only). With no W&B logger, or on a module without rollouts (SFT, the reward model), it does
-    nothing.
+    only). With no W&B logger, or on a module without ``last_rollout`` and ``policy_updates``
+    (:class:`~zopro_lightning.policy.protocol.PolicyLearner`: SFT, the reward model), it does
+    nothing (:func:`~zopro_lightning.policy.protocol.learner_or_none`).
 
     Args:
         every_n_updates: log after policy updates ``N, 2N, ...`` (counted over the whole run,
@@ -42,6 +44,9 @@ class CompletionTable(Callback):
             ``max_rows / k`` prompts with all their samples); ``None``: the whole rollout.
         key: the W&B key of the table.
     """
+
+    #: what it reads of the module (:class:`~zopro_lightning.policy.protocol.PolicyLearner`)
+    needs: tuple[str, ...] = ("last_rollout", "policy_updates")
 
     def __init__(
         self, every_n_updates: int = 50, max_rows: int | None = 16, key: str = "completions"
@@ -67,10 +72,10 @@ class CompletionTable(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        rollout: Rollout | None = getattr(pl_module, "last_rollout", None)
-        updates = getattr(pl_module, "policy_updates", None)
-        if rollout is None or updates is None:
+        module = learner_or_none(pl_module, self.needs)  # None: SFT, the reward model
+        if module is None or module.last_rollout is None:
             return
+        rollout, updates = module.last_rollout, module.policy_updates
         # with accumulate_batches > 1 several batches share an update count: log once
         if updates == 0 or updates % self.every_n_updates or updates == self._last_logged:
             return

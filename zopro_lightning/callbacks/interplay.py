@@ -8,9 +8,13 @@
   of the update with the previous iteration's policy update ``mu`` and with the reward-model
   update ``v`` that the sampler builds its directions from.
 
-Both work with any ``ZOPrOModule`` in a plain ``lightning.Trainer``. Tensors are named with
-:func:`~zopro_lightning.zo.samplers.canonical_name`, so policy and reward tensors of the same
-LoRA layout share names.
+Both work with any ``ZOPrOModule`` in a plain ``lightning.Trainer``, and read it through
+:class:`~zopro_lightning.policy.protocol.PolicyLearner`. They also take other modules, with the
+fallbacks of :mod:`zopro_lightning.policy.protocol`: ``InterplaySnapshots`` needs only a
+``policy`` network (it counts ``trainer.global_step`` when the module has no
+``policy_updates``), ``UpdateCosines`` logs nothing for a module without a ``sampler``. Tensors
+are named with :func:`~zopro_lightning.zo.samplers.canonical_name`, so policy and reward tensors
+of the same LoRA layout share names.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from zopro_lightning.interplay.snapshots import SnapshotWriter
-from zopro_lightning.zo.samplers import PerturbationSampler, canonical_name
+from zopro_lightning.policy.protocol import (
+    as_policy_learner,
+    ends_with_update,
+    learner_or_none,
+    planned_updates,
+    policy_of,
+    updates_of,
+)
+from zopro_lightning.zo.samplers import canonical_name
 
 
 def canonical_trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -63,7 +75,9 @@ class InterplaySnapshots(Callback):
     ``trainer.max_steps`` when set, and at least after the first and the last update; a fit
     that stops early is saved at its end). The very first fit also saves the starting point
     (``fraction=0``) unless the run directory already holds a policy snapshot. Records:
-    ``model="policy"``, ``step = pl_module.policy_updates`` (global across fits),
+    ``model="policy"``, ``step = pl_module.policy_updates`` (global across fits;
+    ``trainer.global_step`` for a module without it:
+    :func:`~zopro_lightning.policy.protocol.updates_of`),
     ``iteration = self.iteration`` (set it before each fit), ``phase="policy"``, ``fraction`` =
     progress of this fit in ``[0, 1]``.
 
@@ -75,7 +89,14 @@ class InterplaySnapshots(Callback):
         every_fraction: spacing of the in-fit snapshots, in ``(0, 1]``.
         max_numel: above this many elements a snapshot is count-sketched to this size
             (see :class:`~zopro_lightning.interplay.SnapshotWriter`); ``None`` never.
+
+    Raises:
+        TypeError: at fit start, on a module without a ``policy`` network.
     """
+
+    #: what it needs of the module (:class:`~zopro_lightning.policy.protocol.PolicyLearner`);
+    #: ``policy_updates`` and ``total_policy_updates`` are used when the module has them
+    needs: tuple[str, ...] = ("policy",)
 
     def __init__(
         self,
@@ -140,25 +161,18 @@ class InterplaySnapshots(Callback):
 
     # -- during policy learning -------------------------------------------------------------
     def _policy_of(self, pl_module: LightningModule) -> nn.Module:
-        policy = getattr(pl_module, "policy", None)
+        policy = as_policy_learner(pl_module, type(self).__name__, self.needs).policy
         if not isinstance(policy, nn.Module):
             raise TypeError(
-                "InterplaySnapshots needs a module with a `policy` network (a ZOPrOModule); "
-                f"got {type(pl_module).__name__}."
+                f"{type(self).__name__} needs a module with a `policy` network (a ZOPrOModule); "
+                f"{type(pl_module).__name__}.policy is a {type(policy).__name__}."
             )
         return policy
 
-    def _planned_updates(self, trainer: Trainer, pl_module: LightningModule) -> int:
-        total_fn = getattr(pl_module, "total_policy_updates", None)
-        if callable(total_fn):
-            return max(1, int(total_fn()))
-        if trainer.max_steps and trainer.max_steps > 0:
-            return int(trainer.max_steps)
-        return max(1, int(trainer.estimated_stepping_batches))
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = int(getattr(pl_module, "policy_updates", trainer.global_step))
-        self._total = self._planned_updates(trainer, pl_module)
+        self._policy_of(pl_module)  # on every rank: a module without a policy fails here
+        self._start = updates_of(pl_module, trainer)
+        self._total = planned_updates(pl_module, trainer)
         self._marks = snapshot_updates(self._total, self.every_fraction)
         self._saved_at = None
         if not trainer.is_global_zero:
@@ -176,14 +190,14 @@ class InterplaySnapshots(Callback):
     ) -> None:
         if not trainer.is_global_zero:
             return
-        step = int(getattr(pl_module, "policy_updates", trainer.global_step))
+        step = updates_of(pl_module, trainer)
         if step != self._saved_at and step - self._start in self._marks:
             self._save_during_fit(pl_module, step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        step = int(getattr(pl_module, "policy_updates", trainer.global_step))
+        step = updates_of(pl_module, trainer)
         if step != self._saved_at and step > self._start:
             self._save_during_fit(pl_module, step)
 
@@ -224,31 +238,34 @@ class UpdateCosines(Callback):
     ``d_t`` and ``cos(delta, v) = sign(-g) d_t <mu, v> / (||z|| ||v||)``, about
     ``±d_t cos(mu, v)``. Nothing is logged when the sampler has no directions, for a skipped
     (non-finite) step, or for other samplers.
+
+    It reads ``sampler`` and ``policy_updates`` of the module
+    (:class:`~zopro_lightning.policy.protocol.PolicyLearner`) and logs nothing for a module
+    without them (:func:`~zopro_lightning.policy.protocol.learner_or_none`); ``will_update`` and
+    ``policy`` when the module has them, else every batch counts as an update and the module
+    itself as the network (:func:`~zopro_lightning.policy.protocol.ends_with_update`,
+    :func:`~zopro_lightning.policy.protocol.policy_of`).
     """
+
+    #: what it reads of the module (:class:`~zopro_lightning.policy.protocol.PolicyLearner`);
+    #: ``will_update`` and ``policy`` are used when the module has them
+    needs: tuple[str, ...] = ("sampler", "policy_updates")
 
     def __init__(self) -> None:
         self._before: dict[str, Tensor] = {}
         self._directions: dict[str, dict[str, Tensor]] = {}
         self._updates = 0
 
-    @staticmethod
-    def _sampler(pl_module: LightningModule) -> PerturbationSampler | None:
-        """The module's sampler; its ``state_dict`` says whether it has directions (``"mu"``,
-        ``"v_hat"``): an isotropic sampler has none, so nothing is logged for it."""
-        return getattr(pl_module, "sampler", None)
-
-    @staticmethod
-    def _ends_with_update(pl_module: LightningModule) -> bool:
-        return bool(getattr(pl_module, "will_update", True))
-
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._before, self._directions = {}, {}
-        sampler = self._sampler(pl_module)
-        if sampler is None or not self._ends_with_update(pl_module):
+        module = learner_or_none(pl_module, self.needs)
+        if module is None or module.sampler is None or not ends_with_update(module):
             return
-        state = sampler.state_dict()
+        # the sampler's state says whether it has directions ("mu", "v_hat"): an isotropic
+        # sampler has none, so nothing is logged for it
+        state = module.sampler.state_dict()
         directions = {"mu": _direction(state, "mu"), "v": _direction(state, "v_hat")}
         if not directions["mu"] and not directions["v"]:
             return
@@ -259,11 +276,11 @@ class UpdateCosines(Callback):
             if name in wanted
         }
         self._directions = directions
-        self._updates = int(getattr(pl_module, "policy_updates", 0))
+        self._updates = int(module.policy_updates)
 
     @staticmethod
     def _trainable(pl_module: LightningModule) -> dict[str, Tensor]:
-        policy = getattr(pl_module, "policy", pl_module)
+        policy = policy_of(pl_module)
         return {canonical_name(n): p for n, p in policy.named_parameters() if p.requires_grad}
 
     def on_train_batch_end(
@@ -276,7 +293,10 @@ class UpdateCosines(Callback):
     ) -> None:
         before, directions = self._before, self._directions
         self._before, self._directions = {}, {}
-        if not before or int(getattr(pl_module, "policy_updates", 0)) == self._updates:
+        if not before:  # no update due, no directions, or not a module with a sampler
+            return
+        module = as_policy_learner(pl_module, type(self).__name__, self.needs)
+        if int(module.policy_updates) == self._updates:
             return
         current = self._trainable(pl_module)
         delta = {n: (current[n].detach() - t).float().flatten() for n, t in before.items()}

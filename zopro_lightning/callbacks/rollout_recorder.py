@@ -8,6 +8,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from zopro_lightning.policy.protocol import as_policy_learner
 from zopro_lightning.utils.distributed import gather_per_rank
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,14 @@ class RolloutRecorder(Callback):
     Under DDP each rank records the completions of its own shard of the prompts, and refinement
     judges each rank's own. Lightning writes rank 0's checkpoint only, so the checkpoint holds
     every rank's records (gathered when it is written, ``records_by_rank``) and each rank takes
-    back its own when it resumes."""
+    back its own when it resumes.
+
+    The module must have ``last_rollout`` and ``hparams.k``
+    (:class:`~zopro_lightning.policy.protocol.PolicyLearner`; a ``ZOPrOModule`` has them); any
+    other raises a ``TypeError`` at the first training batch."""
+
+    #: what it reads of the module (:class:`~zopro_lightning.policy.protocol.PolicyLearner`)
+    needs: tuple[str, ...] = ("last_rollout", "hparams.k")
 
     def __init__(self) -> None:
         self.records: list[tuple[str, str]] = []
@@ -38,10 +46,11 @@ class RolloutRecorder(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        rollout = getattr(pl_module, "last_rollout", None)
+        module = as_policy_learner(pl_module, type(self).__name__, self.needs)
+        rollout = module.last_rollout
         if rollout is None:
             return
-        k = pl_module.hparams.k
+        k = module.hparams.k
         for row in range(0, len(rollout), k):
             self.records.append((rollout.prompts[row], rollout.completions[row]))
 

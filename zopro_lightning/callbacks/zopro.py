@@ -34,6 +34,7 @@ from torch import Tensor
 
 from zopro_lightning.callbacks.rollout_recorder import RolloutRecorder
 from zopro_lightning.models.loading import state_difference, trainable_state
+from zopro_lightning.policy.protocol import PolicyLearner, as_policy_learner
 from zopro_lightning.zo.spsa import derive_seed
 
 SCHEDULES = ("first_order_then_zeroth_order", "first_order", "zeroth_order")
@@ -144,7 +145,27 @@ class ZOPrOIterations(Callback):
             ``(seed, "refinement", t)``, as ``zopro-train`` seeds it.
         boundaries_inside_fit: end iterations inside the fit (default); ``False`` leaves it to
             the caller (:meth:`end_iteration` after each fit of one iteration).
+
+    The module is read through :class:`~zopro_lightning.policy.protocol.PolicyLearner` (the
+    members in :attr:`needs`; a ``ZOPrOModule`` has them) and handed on to ``refinement``.
+
+    Raises:
+        TypeError: at ``setup`` (or any hook or boundary), on a module that lacks a member of
+            :attr:`needs`, naming those it lacks.
     """
+
+    #: what it reads and sets of the module (a
+    #: :class:`~zopro_lightning.policy.protocol.PolicyLearner`'s members), its recorder's too
+    needs: tuple[str, ...] = (
+        "policy",
+        "policy_updates",
+        "sampler",
+        "iteration",
+        "phase",
+        "set_optimizer",
+        "optimizer_direction",
+        *RolloutRecorder.needs,
+    )
 
     def __init__(
         self,
@@ -169,20 +190,25 @@ class ZOPrOIterations(Callback):
         self.last: IterationResult | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def _learner(self, module: LightningModule) -> PolicyLearner:
+        return as_policy_learner(module, type(self).__name__, self.needs)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.recorder.setup(trainer, pl_module, stage)
         if stage == "fit":
             self.apply_schedule(pl_module)  # before Lightning builds the optimizer
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        module = self._learner(pl_module)
         if self._theta_start is None:
-            self._theta_start = trainable_state(pl_module.policy)
+            self._theta_start = trainable_state(module.policy)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
+        module = self._learner(pl_module)
         self.recorder.on_train_batch_end(trainer, pl_module, outputs, batch, idx)
-        ended = pl_module.policy_updates >= self.schedule.end_of(self.iteration)
+        ended = module.policy_updates >= self.schedule.end_of(self.iteration)
         if self.boundaries_inside_fit and ended and self.iteration < self.schedule.iterations:
             self.end_iteration(trainer, pl_module)
             if self.iteration < self.schedule.iterations:
@@ -193,31 +219,34 @@ class ZOPrOIterations(Callback):
     def apply_schedule(self, module: LightningModule) -> None:
         """The current iteration's optimizer and horizon on ``module`` (takes effect when
         Lightning next builds the optimizer)."""
+        learner = self._learner(module)
         optimizer, settings = self.schedule.optimizer_settings(self.iteration)
-        module.set_optimizer(optimizer, **settings)
-        module.iteration, module.phase = self.iteration, "policy_learning"
+        learner.set_optimizer(optimizer, **settings)
+        learner.iteration, learner.phase = self.iteration, "policy_learning"
         end = self.schedule.end_of(self.iteration)
-        module.phase_horizon = end - module.policy_updates  # updates left in this iteration
+        # updates left in this iteration; outside the protocol: nothing reads it at present
+        module.phase_horizon = end - learner.policy_updates
 
     def end_iteration(self, trainer: Trainer, module: LightningModule) -> IterationResult:
         """``mu``, refinement, ``v``, the sampler's new directions; the next iteration."""
+        learner = self._learner(module)
         t = self.iteration
         optimizers = trainer.optimizers
-        gradient = module.optimizer_direction(optimizers[0] if optimizers else None)
-        start = self._theta_start or trainable_state(module.policy)
-        update = state_difference(trainable_state(module.policy), start)
+        gradient = learner.optimizer_direction(optimizers[0] if optimizers else None)
+        start = self._theta_start or trainable_state(learner.policy)
+        update = state_difference(trainable_state(learner.policy), start)
         candidates = {"update": update, "gradient": gradient} if gradient else {"update": update}
         mu = candidates.get(self.direction) or candidates["update"]
         if self.seed is not None:
             L.seed_everything(derive_seed(self.seed, "refinement", t) % 2**32, verbose=False)
-        module.phase = "refinement"
+        learner.phase = "refinement"
         phi_before = trainable_state(self.reward_model.model)
         counts = self.refinement(self.reward_model, module, self.recorder.pop(), trainer)
         v = state_difference(trainable_state(self.reward_model.model), phi_before)
-        matched = module.sampler.set_directions(mu, v)
+        matched = learner.sampler.set_directions(mu, v)
         self.last = IterationResult(t, counts, matched, candidates | {"reward": v})
         self.iteration = t + 1
-        self._theta_start = trainable_state(module.policy)
+        self._theta_start = trainable_state(learner.policy)
         return self.last
 
     # -- checkpoint state ---------------------------------------------------------------------

@@ -31,6 +31,8 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
+from zopro_lightning.policy.protocol import optimizer_name
+
 T = TypeVar("T")
 
 
@@ -125,7 +127,7 @@ class ZerothOrderDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         module = self.model
-        if getattr(module, "hparams", {}).get("optimizer") != "zeroth_order":
+        if optimizer_name(module) != "zeroth_order":  # policy/protocol.py: None for others
             super().configure_ddp()
             return
         broadcast_module_state(module)
