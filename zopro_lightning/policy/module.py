@@ -112,6 +112,7 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         self.policy, self.tokenizer, self.reward_fn = policy, tokenizer, reward_fn
         self.sampler: PerturbationSampler = sampler if sampler is not None else GaussianSampler()
         self.policy_updates = 0
+        self.phase_horizon: int | None = None  # updates of the current phase, when set
         self.skipped_steps = 0
         self.nonfinite_rewards = NonFiniteRewards()  # counted and warned about once an update
         self.last_rollout: Rollout | None = None
@@ -179,7 +180,12 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         return optimization.exact_restore(self.spsa_settings, self.policy)
 
     def total_policy_updates(self) -> int:
-        """Policy updates this ``fit`` will make (``max_steps`` when set)."""
+        """Policy updates of the coming phase: :attr:`phase_horizon` when a callback sets it
+        (``ZOPrOIterations``: the updates left in the current iteration), else those this
+        ``fit`` will make (``max_steps`` when set). The sampler's decay and the learning-rate
+        schedule run over it."""
+        if self.phase_horizon:
+            return int(self.phase_horizon)
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
         batches = self.trainer.estimated_stepping_batches
