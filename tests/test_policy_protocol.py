@@ -94,7 +94,7 @@ def test_other_modules_are_refused_naming_the_callback_and_what_they_lack():
     with pytest.raises(
         TypeError,
         match=r"ZOPrOIterations needs .*; MyModule lacks: policy, policy_updates, sampler, "
-        r"iteration, phase, set_optimizer, optimizer_direction$",
+        r"iteration, phase, phase_horizon, set_optimizer, optimizer_direction$",
     ):
         zopro.setup(SimpleNamespace(), module, "fit")
     zopro.setup(SimpleNamespace(), module, "validate")  # reads nothing of the module

@@ -162,6 +162,7 @@ class ZOPrOIterations(Callback):
         "sampler",
         "iteration",
         "phase",
+        "phase_horizon",
         "set_optimizer",
         "optimizer_direction",
         *RolloutRecorder.needs,
@@ -224,8 +225,7 @@ class ZOPrOIterations(Callback):
         learner.set_optimizer(optimizer, **settings)
         learner.iteration, learner.phase = self.iteration, "policy_learning"
         end = self.schedule.end_of(self.iteration)
-        # updates left in this iteration; outside the protocol: nothing reads it at present
-        module.phase_horizon = end - learner.policy_updates
+        learner.phase_horizon = end - learner.policy_updates  # updates left in this iteration
 
     def end_iteration(self, trainer: Trainer, module: LightningModule) -> IterationResult:
         """``mu``, refinement, ``v``, the sampler's new directions; the next iteration."""

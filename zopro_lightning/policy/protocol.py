@@ -58,6 +58,7 @@ MEMBERS: tuple[str, ...] = (
     "policy_updates",
     "iteration",
     "phase",
+    "phase_horizon",
     "will_update",
     "hparams.k",
     "hparams.optimizer",
@@ -91,9 +92,10 @@ class PolicyLearner(Protocol, metaclass=_MembersMeta):
     module has them, ``policy_updates`` and ``total_policy_updates``). ``UpdateCosines``:
     ``sampler``, ``policy_updates`` (and, when there, ``will_update`` and ``policy``).
     ``ZOPrOIterations``: ``policy``, ``policy_updates``, ``sampler``, ``optimizer_direction``,
-    ``set_optimizer``; it sets ``iteration`` and ``phase``, and its ``RolloutRecorder`` reads
-    ``last_rollout`` and ``hparams.k``; it hands the module on to its ``refinement``, whose
-    needs are its own (``RewardRefinement``: ``policy``, ``tokenizer``, ``rollout_config``).
+    ``set_optimizer``; it sets ``iteration``, ``phase`` and ``phase_horizon``, and its
+    ``RolloutRecorder`` reads ``last_rollout`` and ``hparams.k``; it hands the module on to its
+    ``refinement``, whose needs are its own (``RewardRefinement``: ``policy``, ``tokenizer``,
+    ``rollout_config``).
     ``ZerothOrderDDPStrategy``: ``hparams.optimizer``.
     """
 
@@ -114,6 +116,10 @@ class PolicyLearner(Protocol, metaclass=_MembersMeta):
     #: Where the run is: ``"policy_learning"`` or ``"refinement"``; ``ZOPrOIterations`` sets it
     #: (checkpointed).
     phase: str
+    #: Policy updates of the coming phase, which :meth:`total_policy_updates` returns when set
+    #: (the sampler's decay and the LR schedule run over it); ``ZOPrOIterations`` sets it to the
+    #: updates left in the current iteration. ``None``: not set.
+    phase_horizon: int | None
 
     @property
     def will_update(self) -> bool:
@@ -129,7 +135,8 @@ class PolicyLearner(Protocol, metaclass=_MembersMeta):
         ...
 
     def total_policy_updates(self) -> int:
-        """Policy updates the current ``fit`` will make (``max_steps`` when set)."""
+        """Policy updates of the coming phase: ``phase_horizon`` when set, else those the
+        current ``fit`` will make (``max_steps`` when set)."""
         ...
 
     def optimizer_direction(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
