@@ -55,7 +55,8 @@ def load_run(args: argparse.Namespace):
     from omegaconf import OmegaConf
 
     from zopro_lightning.models.loading import load_causal_lm, state_difference
-    from zopro_lightning.run.pipeline import Pipeline, load_trainable
+    from zopro_lightning.run.phases import load_trainable
+    from zopro_lightning.run.pipeline import Pipeline
     from zopro_lightning.run.state import load_state
 
     cfg = OmegaConf.load(args.run_dir / "run_config.yaml")
@@ -71,7 +72,7 @@ def load_run(args: argparse.Namespace):
     if args.iteration > 0:
         before = load_state(args.run_dir, f"iteration_{args.iteration - 1}")["policy"]
     else:  # iteration 0 starts from a fresh adapter: LoRA B = 0, A as initialised (seeded)
-        pipeline.seed_phase("policy")
+        pipeline.ctx.seed_phase("policy")
         fresh = pipeline.model_spec.with_lora(load_causal_lm(args.run_dir / "sft"))
         before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
     return pipeline, state, policy, reward, state_difference(state["policy"], before)

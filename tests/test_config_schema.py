@@ -14,7 +14,8 @@ import zopro_lightning.run.pipeline
 from zopro_lightning.models.loading import build_tiny_causal_lm
 from zopro_lightning.models.tokenizer import build_word_tokenizer
 from zopro_lightning.run.config_schema import RULES, ConfigError, Rule, validate_config
-from zopro_lightning.run.pipeline import run_pipeline, sft_examples_that_fit
+from zopro_lightning.run.phases import sft_examples_that_fit
+from zopro_lightning.run.pipeline import run_pipeline
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_HH = (

@@ -14,14 +14,11 @@ from hydra import compose, initialize_config_dir
 from zopro_lightning.models.loading import build_tiny_causal_lm
 from zopro_lightning.models.tokenizer import build_word_tokenizer
 from zopro_lightning.reward.judges import FileJudge, LLMJudge, RewardJudge
+from zopro_lightning.run.building import judge_counters
 from zopro_lightning.run.evaluation import score_correlations
-from zopro_lightning.run.pipeline import (
-    Pipeline,
-    finite_or_null,
-    judge_counters,
-    run_pipeline,
-    sft_examples_that_fit,
-)
+from zopro_lightning.run.phases import sft_examples_that_fit
+from zopro_lightning.run.pipeline import Pipeline, run_pipeline
+from zopro_lightning.run.summary import finite_or_null
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CHAT_TEMPLATE = (

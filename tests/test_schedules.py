@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.test_cli import SMALL as CLI_SMALL
-from zopro_lightning.run.pipeline import iteration_schedule, run_pipeline
+from zopro_lightning.run.building import iteration_schedule
+from zopro_lightning.run.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 #: test_cli's small run, with a first-order iteration 0 of its own length, no checkpoints,

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from zopro_lightning.callbacks.zopro import IterationSchedule, ZOPrOIterations
 from zopro_lightning.models.loading import load_causal_lm, trainable_state
 from zopro_lightning.reward.refinement import RefinementSettings, RewardRefinement
-from zopro_lightning.run.pipeline import Pipeline, load_trainable, prompt_chunks, run_pipeline
+from zopro_lightning.run.phases import load_trainable, prompt_chunks
+from zopro_lightning.run.pipeline import Pipeline, run_pipeline
 from zopro_lightning.run.state import load_state
 from zopro_lightning.zo.spsa import derive_seed
 
@@ -92,7 +93,8 @@ def test_a_plain_trainer_fit_with_the_callback_reproduces_zopro_train(tmp_path):
     # the prompts in zopro-train's order: each iteration's chunk, shuffled by its loader
     sizes = [schedule.updates_of(t) * cfg.loop.batch_size for t in range(2)]
     chunks = prompt_chunks(pipeline.task.train_prompts, sizes)
-    batches = [batch for chunk in chunks for batch in pipeline.loader(chunk, cfg.loop.batch_size)]
+    loaders = [pipeline.ctx.loader(chunk, cfg.loop.batch_size) for chunk in chunks]
+    batches = [batch for loader in loaders for batch in loader]
 
     trainer = L.Trainer(
         max_steps=schedule.total_updates,

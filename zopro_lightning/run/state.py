@@ -163,3 +163,36 @@ def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
             + "\nResume with the same overrides (only resume= and num_threads= may change), "
             "or start a new run."
         )
+
+
+def iteration_state(
+    t: int, module: Any, reward: Any, judge: Any, directions: dict[str, dict]
+) -> dict[str, Any]:
+    """What ``state/iteration_<t>.pt`` keeps of the loop's objects after iteration ``t``: the
+    trainable tensors of policy and reward model, the sampler's state, the update and skip
+    counters, the judge's counters and the candidate directions (each ``mu`` and ``v``, which
+    let a run branched from this state set its own sampler's directions)."""
+    from zopro_lightning.models.loading import trainable_state
+    from zopro_lightning.reward.refinement import judge_counts
+
+    return {
+        "iteration": t,
+        "policy": trainable_state(module.policy),
+        "reward": trainable_state(reward.model),
+        "sampler": module.sampler.state_dict(),
+        "policy_updates": module.policy_updates,
+        "skipped_steps": module.skipped_steps,
+        "judge": judge_counts(judge),
+        "directions": directions,
+    }
+
+
+def restore_iteration_state(state: dict[str, Any], module: Any, reward: Any) -> None:
+    """Put the loop's objects back as :func:`iteration_state` saved them."""
+    from zopro_lightning.run.phases import load_trainable
+
+    load_trainable(module.policy, state["policy"])
+    load_trainable(reward.model, state["reward"])
+    module.sampler.load_state_dict(state["sampler"])
+    module.policy_updates = int(state["policy_updates"])
+    module.skipped_steps = int(state["skipped_steps"])
