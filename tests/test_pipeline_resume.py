@@ -177,13 +177,19 @@ def test_resume_alone_goes_on_with_the_runs_own_config(tmp_path):
     finished = json.loads((run / "summary.json").read_text())
     for path in (run / "summary.json", run / "state" / "iteration_0.pt"):
         path.unlink()  # as if stopped after r_0: iteration 0 is redone
+    elsewhere = tmp_path / "elsewhere"  # the directory the resume is started from
+    elsewhere.mkdir()
     resumed = subprocess.run(
-        [sys.executable, "-m", "zopro_lightning.run.cli", f"resume={run}",
-         f"hydra.run.dir={tmp_path / 'resume_log'}"],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "zopro_lightning.run.cli", f"resume={run}"],
+        capture_output=True, text=True, timeout=600, cwd=elsewhere,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["policy_steps"] == finished["policy_steps"] == 2  # SMALL's, not the default
     assert summary["gold_reward_final"] == finished["gold_reward_final"]
     assert summary["resumed"] is True
+    # the resume's own Hydra files and log are inside the run it continues, nothing elsewhere
+    assert list(elsewhere.iterdir()) == []
+    (own,) = (run / "resumes").iterdir()
+    assert (own / ".hydra" / "overrides.yaml").exists() and (own / "cli.log").exists()
+    assert "resume: SFT policy from" in (own / "cli.log").read_text()

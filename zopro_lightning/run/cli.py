@@ -18,7 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from zopro_lightning.run.gather import COLUMNS as SUMMARY_COLUMNS
 
@@ -38,6 +38,19 @@ def config_dir() -> str:
 
 
 CONFIG_DIR = config_dir()
+
+
+def run_dir_of(resume: str | None, fresh: str) -> str:
+    """``hydra.run.dir``: ``fresh`` (``outputs/<dataset>/<date>``) for a new run; for
+    ``resume=RUN_DIR`` of an existing directory, ``RUN_DIR/resumes/<date>``, so a resume's own
+    ``.hydra/`` and log stay inside the run it continues. (A ``resume=`` that names no directory
+    keeps ``fresh``: the run is refused before anything is created there.)"""
+    if resume and Path(str(resume)).expanduser().is_dir():
+        return str(Path(str(resume)) / "resumes" / Path(fresh).name)
+    return fresh
+
+
+OmegaConf.register_new_resolver("zopro_run_dir", run_dir_of, replace=True)
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
