@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from zopro_lightning import ZOPrOModule
 from zopro_lightning.policy.optimization import OptimizerSettings
@@ -18,6 +16,7 @@ from zopro_lightning.zo.samplers import GaussianSampler
 from zopro_lightning.zo.spsa import derive_seed, tensor_generator
 
 from .conftest import count_words_reward
+from .test_module import fit
 
 EPS, LR, DECAY = 1e-4, 0.05, 0.1
 
@@ -267,19 +266,6 @@ def test_spsa_settings_take_betas_as_any_pair():
 # --- the module's zeroth-order settings --------------------------------------------------
 
 
-def fit(module, prompts, steps=1):
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(prompts, batch_size=2, collate_fn=list))
-    return trainer
-
-
 def test_zo_trainable_moves_only_matching_tensors(lora_policy, tokenizer, small_task):
     module = ZOPrOModule(
         lora_policy,
@@ -290,7 +276,7 @@ def test_zo_trainable_moves_only_matching_tensors(lora_policy, tokenizer, small_
         spsa=SPSASettings(trainable=r"lora_B", max_abs_grad=1e-9),
     )
     before = {n: p.detach().clone() for n, p in lora_policy.named_parameters()}
-    trainer = fit(module, small_task.train_prompts[:2])
+    trainer = fit(module, small_task.train_prompts[:2], steps=1)
     after = dict(lora_policy.named_parameters())
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved and all("lora_B" in n for n in moved)

@@ -24,7 +24,7 @@ callback with one ``fit`` an iteration (``boundaries_inside_fit=False``) and cal
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,8 +263,3 @@ class ZOPrOIterations(Callback):
         self.iteration = int(state_dict["iteration"])
         self._theta_start = state_dict.get("theta_start")
         self.recorder.load_state_dict(state_dict)
-
-
-def prompt_order(batches: Sequence[Sequence[str]]) -> list[str]:
-    """The prompts of ``batches`` in the order they come (for building a fit's loader)."""
-    return [prompt for batch in batches for prompt in batch]

@@ -135,7 +135,9 @@ class Pipeline:
         if started is None:
             log.info("[reward model] r_0, %d epochs", cfg.epochs)
             data = self.task.train_scored if self.kind == "scores" else self.task.train_pairs
-            self.fit_reward_model(reward, data, epochs=cfg.epochs, lr=cfg.lr, loss=self.reward_loss)
+            phases.fit_reward_model(
+                cfg, reward, data, ctx, epochs=cfg.epochs, lr=cfg.lr, loss=self.reward_loss
+            )
             quality = phases.reward_model_quality(self.cfg.eval, self.task, reward, "_initial")
             self.summary.set(**quality)
         else:
@@ -282,13 +284,6 @@ class Pipeline:
     def build_reward_model(self) -> HFRewardModel:
         return phases.build_reward_model(
             self.cfg.reward_model, self.model_spec, self.tokenizer, self.ctx
-        )
-
-    def fit_reward_model(
-        self, reward: HFRewardModel, rows: Sequence[dict], epochs: int, lr: float, loss: str
-    ) -> None:
-        phases.fit_reward_model(
-            self.cfg.reward_model, reward, rows, self.ctx, epochs=epochs, lr=lr, loss=loss
         )
 
     def policy_module_for(self, policy: torch.nn.Module, reward: HFRewardModel) -> ZOPrOModule:

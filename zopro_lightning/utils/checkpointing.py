@@ -24,7 +24,6 @@ import errno
 import logging
 import os
 import pickle
-import secrets
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,11 +33,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from zopro_lightning.utils.atomic import atomic_torch_save, remove_orphans
+from zopro_lightning.utils.atomic import atomic_torch_save, remove_orphans, temporary_path
 
 log = logging.getLogger(__name__)
 
-_TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointIOError(OSError):
@@ -91,7 +89,7 @@ def ensure_writable(directory: _PATH, min_free_bytes: int = 0) -> Path:
         CheckpointIOError: naming the directory, the cause and the fix.
     """
     path = Path(directory).expanduser().absolute()
-    probe = path / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
+    probe = temporary_path(path / ".write-probe")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with open(probe, "xb") as handle:
