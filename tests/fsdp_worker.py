@@ -24,10 +24,10 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 from tests.ddp_worker import BatchRecorder  # noqa: E402
 from zopro_lightning import ZOPrOModule  # noqa: E402
+from zopro_lightning.data.resumable import ResumableDataLoader  # noqa: E402
 from zopro_lightning.data.sentiment import build_sentiment_task  # noqa: E402
 from zopro_lightning.models.loading import build_tiny_causal_lm  # noqa: E402
 from zopro_lightning.models.tokenizer import build_word_tokenizer  # noqa: E402
@@ -37,7 +37,7 @@ from zopro_lightning.utils.sharding import fsdp_strategy, local_rows  # noqa: E4
 from zopro_lightning.zo.optim import ZerothOrderOptimizer  # noqa: E402
 
 STEPS = 3
-LEARNING_RATES = {"zeroth_order": 1e-5, "first_order": 1e-3}
+LEARNING_RATES = {"zeroth_order": 1e-3, "first_order": 1e-3}
 
 
 def completion_length(prompts: list[str], completions: list[str]) -> torch.Tensor:
@@ -50,10 +50,12 @@ def fsdp():
 
 
 class StepCollectives:
-    """Records the collectives issued inside each ``ZerothOrderOptimizer.step``."""
+    """Records the collectives issued inside each ``ZerothOrderOptimizer.step``, and its
+    losses."""
 
     def __init__(self) -> None:
         self.steps: list[list[str]] = []
+        self.losses: list[tuple[list[float], list[float]]] = []  # (L+, L-) of each step
         self._step = ZerothOrderOptimizer.step
         recorder = self
 
@@ -61,6 +63,7 @@ class StepCollectives:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 result = recorder._step(optimizer, *args, **kwargs)
             recorder.steps.append([e.name for e in prof.events() if e.name.startswith("c10d::")])
+            recorder.losses.append((result.loss_plus.tolist(), result.loss_minus.tolist()))
             return result
 
         ZerothOrderOptimizer.step = step
@@ -84,6 +87,7 @@ def held_parameter_bytes(policy: torch.nn.Module) -> dict[str, int]:
 
 def fit(tokenizer, prompts, strategy, optimizer="zeroth_order", steps=STEPS, callbacks=(),
         ckpt_path=None):  # fmt: skip
+    """One fit of a fresh 4-block policy (the same start on every rank and every fit)."""
     policy = build_tiny_causal_lm(
         tokenizer, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64
     )
@@ -98,7 +102,9 @@ def fit(tokenizer, prompts, strategy, optimizer="zeroth_order", steps=STEPS, cal
         enable_checkpointing=bool(callbacks), enable_progress_bar=False,
         enable_model_summary=False, callbacks=[recorder, *callbacks],
     )  # fmt: skip
-    trainer.fit(module, DataLoader(prompts, batch_size=2, collate_fn=list), ckpt_path=ckpt_path)
+    # a loader whose position the checkpoint holds: a resume goes on with the next batch
+    loader = ResumableDataLoader(prompts, batch_size=2, collate_fn=list)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
     return {
         "weights": whole_weights(module.policy),
         "held_parameter_bytes": held_parameter_bytes(module.policy),
@@ -108,23 +114,32 @@ def fit(tokenizer, prompts, strategy, optimizer="zeroth_order", steps=STEPS, cal
     }, trainer
 
 
+def saves(out_dir: Path) -> ModelCheckpoint:
+    """A checkpoint after every update (FSDP2: one folder a checkpoint, one file a rank)."""
+    return ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
+
+
 def main(out_dir: Path) -> None:
     task = build_sentiment_task(seed=0, n_train_prompts=16, n_eval_prompts=4, n_sft=16,
                                 n_train_pairs=8, n_eval_pairs=4)  # fmt: skip
     tokenizer = build_word_tokenizer(task.corpus())
     prompts = list(task.train_prompts)[:12]
     results = {}
-    step_collectives = StepCollectives()
-    results["ddp"], trainer = fit(tokenizer, prompts, "ddp")
-    before = len(step_collectives.steps)
-    results["fsdp"], _ = fit(tokenizer, prompts, fsdp())
-    results["fsdp"]["step_collectives"] = step_collectives.steps[before:]
-    checkpoints = out_dir / "fsdp_checkpoints"
-    saves = ModelCheckpoint(dirpath=checkpoints, filename="{step}", every_n_train_steps=1,
-                            save_top_k=-1)  # fmt: skip
-    fit(tokenizer, prompts, fsdp(), steps=2, callbacks=[saves])
-    results["resumed"], _ = fit(tokenizer, prompts, fsdp(), ckpt_path=checkpoints / "step=2.ckpt")
-    results["first_order"], _ = fit(tokenizer, prompts, fsdp(), optimizer="first_order")
+    steps = StepCollectives()
+    runs = [
+        ("ddp", {"strategy": "ddp"}),
+        ("fsdp", {"strategy": fsdp()}),
+        ("stopped", {"strategy": fsdp(), "steps": 2, "callbacks": [saves(out_dir)]}),
+        ("resumed", {"strategy": fsdp(), "ckpt_path": out_dir / "checkpoints" / "step=2.ckpt"}),
+        ("first_order", {"strategy": fsdp(), "optimizer": "first_order"}),
+    ]
+    for name, options in runs:
+        before = len(steps.steps)
+        results[name], trainer = fit(tokenizer, prompts, **options)
+        results[name]["step_collectives"] = steps.steps[before:]
+        results[name]["step_losses"] = steps.losses[before:]
     torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
 
 

@@ -34,6 +34,8 @@ def test_sharded_zeroth_order_updates_equal_ddps_bit_for_bit(ranks):
     whole tensor, so the weights do not depend on the sharding: bit-identical to DDP's (which
     equals one process on the global batch: tests/test_ddp.py), and the ranks agree."""
     zero = ranks[0]
+    # the per-step losses first: a difference there names the update where the runs parted
+    assert zero["fsdp"]["step_losses"] == zero["ddp"]["step_losses"]
     assert equal(zero["fsdp"]["weights"], zero["ddp"]["weights"])
     assert equal(ranks[0]["fsdp"]["weights"], ranks[1]["fsdp"]["weights"])
     assert zero["fsdp"]["updates"] == 3 and not zero["fsdp"]["grads"]
@@ -67,6 +69,8 @@ def test_each_rank_holds_half_the_parameters_of_ddp(ranks):
 
 def test_a_stopped_fsdp_run_resumes_bit_identically(ranks):
     assert ranks[0]["resumed"]["updates"] == 3
+    losses = [step for step in ranks[0]["resumed"]["step_losses"] if step != ([], [])]
+    assert losses == ranks[0]["fsdp"]["step_losses"][2:]  # ([], []): checkpoint loading's no-op
     assert equal(ranks[0]["resumed"]["weights"], ranks[0]["fsdp"]["weights"])
 
 

@@ -36,14 +36,22 @@ with ``exact_restore=False`` (as after any step of that mode).
 
 Restoration after the two evaluations:
 
-- ``exact_restore=True``: a copy of the trainable tensors is kept during the step and copied
-  back, so ``theta`` returns bit for bit. The copy costs the size of the *trainable* set,
-  negligible with LoRA.
-- ``exact_restore=False``: MeZO's arithmetic ``+eps z, -2 eps z, +eps z`` with no copy: for
-  full-parameter training of large models, where a copy would double the weights' memory.
+- ``layerwise`` given (``ZOPrOModule``'s default for full-parameter training): the
+  evaluations never write ``theta``; each module sees ``theta_n +- eps z_n`` only during its own
+  forward (:mod:`zopro_lightning.zo.layerwise`). Bit-exact in every dtype, and no copy: one
+  module's tensors exist twice at a time.
+- ``exact_restore=True`` without ``layerwise``: a copy of the trainable tensors is kept during
+  the step and copied back, so ``theta`` returns bit for bit. The copy costs the size of the
+  *trainable* set, negligible with LoRA.
+- ``exact_restore=False``: MeZO's arithmetic ``+eps z, -2 eps z, +eps z`` with no copy.
   ``theta`` then returns to within float rounding (a few ulp), not bit for bit. The last
   ``+eps z`` is fused into the update (``theta += (eps - lr g / q) z``, after the weight
   decay), so a step draws each ``z`` three times, not four.
+
+16-bit tensors take the SGD update in float32 and one stochastic rounding
+(:mod:`zopro_lightning.zo.rounding`), so updates below half of bfloat16's gap are not lost.
+Sharded (FSDP2) tensors: each rank adds its rows of ``z`` drawn for the whole tensor
+(:mod:`zopro_lightning.utils.sharding`).
 """
 
 from __future__ import annotations
