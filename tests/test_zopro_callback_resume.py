@@ -1,0 +1,107 @@
+"""Stop and resume a plain ``Trainer.fit`` with :class:`ZOPrOIterations` anywhere: inside a
+first-order iteration, inside a zeroth-order one, exactly at a boundary, after the last one.
+A resume builds every object afresh, as a user's new process would, and must end with the
+policy and reward-model weights of the fit that never stopped, bit for bit."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from zopro_lightning import ZOPrOModule
+from zopro_lightning.callbacks.zopro import IterationSchedule, ZOPrOIterations
+from zopro_lightning.data.resumable import ResumableDataLoader
+from zopro_lightning.models.loading import trainable_state
+from zopro_lightning.policy.optimization import OptimizerSettings
+from zopro_lightning.reward.judges import RewardJudge
+from zopro_lightning.reward.refinement import RefinementSettings, RewardRefinement
+from zopro_lightning.rl.rollout import RolloutSettings
+from zopro_lightning.zo.zopro_sampler import ZOPrOSampler
+
+from .conftest import count_words_reward, tiny_lora_policy, tiny_reward_model
+
+#: first-order iteration 0 (updates 1-2), zeroth-order iterations 1 (3-5) and 2 (6-8), whose
+#: LR and sampler decay fall linearly over the iteration (a resume must keep their horizon)
+SCHEDULE = IterationSchedule(
+    iterations=3, updates=3, first_order_updates=2, zeroth_order_lr_schedule="linear"
+)
+UPDATES = SCHEDULE.total_updates + 1  # one update after the last boundary
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fresh_fit(tokenizer, prompts, root, callbacks=()):
+    """Everything a user's script builds: policy, reward model, module, callback, Trainer
+    (checkpointing after every update) and loader; returns ``(trainer, fit)``."""
+    reward = tiny_reward_model(tokenizer, seed=1)
+    module = ZOPrOModule(
+        tiny_lora_policy(tokenizer),
+        tokenizer,
+        reward,
+        ZOPrOSampler(),
+        optimizer=OptimizerSettings(lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
+        seed=3,
+    )
+    refinement = RewardRefinement(
+        RewardJudge(count_words_reward), RefinementSettings(epochs=1, batch_size=4), seed=0
+    )
+    zopro = ZOPrOIterations(reward, refinement, SCHEDULE, seed=0)
+    every_update = ModelCheckpoint(
+        dirpath=root, filename="{step}", save_top_k=-1, every_n_train_steps=1
+    )
+    trainer = L.Trainer(
+        max_steps=UPDATES,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[zopro, every_update, *callbacks],
+    )
+    loader = ResumableDataLoader(
+        prompts, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+
+    def fit(ckpt_path=None):
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return {"policy": trainable_state(module.policy), "reward": trainable_state(reward.model)}
+
+    return trainer, fit
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokenizer, small_task, tmp_path_factory):
+    """The fit that never stopped: its final weights and a checkpoint after every update."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    trainer, fit = fresh_fit(tokenizer, small_task.train_prompts[:16], root)
+    weights = fit()
+    assert trainer.global_step == UPDATES
+    return weights, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "update",
+    [1, 3, 2, 5, 8],
+    ids=["in-first-order", "in-zeroth-order", "at-boundary", "at-zeroth-order-boundary",
+         "after-last-boundary"],  # fmt: skip
+)
+def test_resume_from_any_update_ends_bit_identical(
+    tokenizer, small_task, tmp_path, uninterrupted, update
+):
+    weights, root = uninterrupted
+    _, fit = fresh_fit(tokenizer, small_task.train_prompts[:16], tmp_path)
+    resumed = fit(ckpt_path=root / f"step={update}.ckpt")
+    for part in ("policy", "reward"):
+        assert resumed[part].keys() == weights[part].keys()
+        for name, tensor in weights[part].items():
+            assert torch.equal(resumed[part][name], tensor), (part, name)
