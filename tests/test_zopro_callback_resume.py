@@ -23,10 +23,8 @@ from zopro_lightning.zo.zopro_sampler import ZOPrOSampler
 from .conftest import count_words_reward, tiny_lora_policy, tiny_reward_model
 
 #: first-order iteration 0 (updates 1-2), zeroth-order iterations 1 (3-5) and 2 (6-8), whose
-#: LR and sampler decay fall linearly over the iteration (a resume must keep their horizon)
-SCHEDULE = IterationSchedule(
-    iterations=3, updates=3, first_order_updates=2, zeroth_order_lr_schedule="linear"
-)
+#: sampler decay falls linearly over the iteration (a resume must keep that horizon)
+SCHEDULE = IterationSchedule(iterations=3, updates=3, first_order_updates=2)
 UPDATES = SCHEDULE.total_updates + 1  # one update after the last boundary
 
 
