@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from zopro_lightning import ZOPrOModule
 from zopro_lightning.callbacks.zopro import IterationSchedule, ZOPrOIterations
 from zopro_lightning.data.resumable import ResumableDataLoader
-from zopro_lightning.models.loading import trainable_state
+from zopro_lightning.models.loading import add_lora, trainable_state
 from zopro_lightning.policy.optimization import OptimizerSettings
+from zopro_lightning.reward.callables import HFRewardModel
 from zopro_lightning.reward.judges import RewardJudge
 from zopro_lightning.reward.refinement import RefinementSettings, RewardRefinement
 from zopro_lightning.rl.rollout import RolloutSettings
@@ -36,12 +37,36 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def fresh_fit(tokenizer, prompts, root, callbacks=()):
-    """Everything a user's script builds: policy, reward model, module, callback, Trainer
-    (checkpointing after every update) and loader; returns ``(trainer, fit)``."""
-    reward = tiny_reward_model(tokenizer, seed=1)
+def llama_models(tokenizer):
+    """A tiny LoRA Llama policy and a tiny LoRA Llama classifier as ``HFRewardModel``."""
+    return tiny_lora_policy(tokenizer), tiny_reward_model(tokenizer, seed=1)
+
+
+def gpt2_models(tokenizer):
+    """The issue's set-up in miniature: a GPT-2 policy and a GPT-2 classifier, each with LoRA
+    on ``c_attn``, the classifier as ``HFRewardModel``."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, num_labels=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    policy = add_lora(GPT2LMHeadModel(config), r=4, alpha=8, target_modules=["c_attn"])
+    classifier = add_lora(
+        GPT2ForSequenceClassification(config), r=4, alpha=8, target_modules=["c_attn"],
+        task_type="SEQ_CLS",
+    )  # fmt: skip
+    return policy, HFRewardModel(classifier, tokenizer, max_length=64)
+
+
+def fresh_fit(tokenizer, prompts, root, callbacks=(), models=llama_models):
+    """Everything a user's script builds: policy and reward model (``models``), module,
+    callback, Trainer (checkpointing after every update) and loader; returns
+    ``(trainer, fit)``."""
+    policy, reward = models(tokenizer)
     module = ZOPrOModule(
-        tiny_lora_policy(tokenizer),
+        policy,
         tokenizer,
         reward,
         ZOPrOSampler(),
@@ -76,14 +101,26 @@ def fresh_fit(tokenizer, prompts, root, callbacks=()):
     return trainer, fit
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tokenizer, small_task, tmp_path_factory):
-    """The fit that never stopped: its final weights and a checkpoint after every update."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    trainer, fit = fresh_fit(tokenizer, small_task.train_prompts[:16], root)
+def uninterrupted_fit(tokenizer, prompts, root, models=llama_models):
+    """The fit that never stopped: its final weights (a checkpoint after every update in
+    ``root``, the one a fit stopped there would have written)."""
+    trainer, fit = fresh_fit(tokenizer, prompts, root, models=models)
     weights = fit()
     assert trainer.global_step == UPDATES
-    return weights, root
+    return weights
+
+
+def assert_equal_weights(resumed, weights) -> None:
+    for part in ("policy", "reward"):
+        assert resumed[part].keys() == weights[part].keys()
+        for name, tensor in weights[part].items():
+            assert torch.equal(resumed[part][name], tensor), (part, name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokenizer, small_task, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return uninterrupted_fit(tokenizer, small_task.train_prompts[:16], root), root
 
 
 @pytest.mark.slow
@@ -98,8 +135,17 @@ def test_resume_from_any_update_ends_bit_identical(
 ):
     weights, root = uninterrupted
     _, fit = fresh_fit(tokenizer, small_task.train_prompts[:16], tmp_path)
-    resumed = fit(ckpt_path=root / f"step={update}.ckpt")
-    for part in ("policy", "reward"):
-        assert resumed[part].keys() == weights[part].keys()
-        for name, tensor in weights[part].items():
-            assert torch.equal(resumed[part][name], tensor), (part, name)
+    assert_equal_weights(fit(ckpt_path=root / f"step={update}.ckpt"), weights)
+
+
+@pytest.mark.slow
+def test_the_reported_gpt2_set_up_resumes_inside_a_zeroth_order_iteration(
+    tokenizer, small_task, tmp_path
+):
+    """GPT-2 policy and classifier with LoRA, stopped two updates into the first
+    zeroth-order iteration (the report: "loaded state dict has a different number of
+    parameter groups")."""
+    prompts = small_task.train_prompts[:16]
+    weights = uninterrupted_fit(tokenizer, prompts, tmp_path / "a", models=gpt2_models)
+    _, fit = fresh_fit(tokenizer, prompts, tmp_path / "b", models=gpt2_models)
+    assert_equal_weights(fit(ckpt_path=tmp_path / "a" / "step=4.ckpt"), weights)
