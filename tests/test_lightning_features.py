@@ -129,3 +129,26 @@ def test_a_datamodule_then_validate_and_predict_the_trained_module(
     assert validated == trainer.validate(module, datamodule=data, verbose=False)  # seeded
     completions = [c for batch in trainer.predict(module, datamodule=data) for c in batch]
     assert len(completions) == 4 and all(isinstance(c, str) for c in completions)
+
+
+def test_learning_rate_monitor_follows_the_callbacks_optimizer_switch(
+    tokenizer, small_task, tmp_path
+):
+    """With ``ZOPrOIterations`` the optimizer changes at each boundary (AdamW, then the
+    zeroth-order one): the monitor logs the one each update used."""
+    from .test_zopro_callback_resume import SCHEDULE, fresh_fit
+
+    monitor = LearningRateMonitor(logging_interval="step")
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer, fit = fresh_fit(
+        tokenizer, small_task.train_prompts[:16], tmp_path, [monitor], logger=logger,
+        log_every_n_steps=1,
+    )  # fmt: skip
+    fit()
+    with open(tmp_path / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    first = [r["step"] for r in rows if r.get("lr-AdamW/pg1")]
+    zeroth = [r["step"] for r in rows if r.get("lr-ZerothOrderOptimizer")]
+    updates_0 = SCHEDULE.updates_of(0)
+    assert first == [str(s) for s in range(updates_0)]
+    assert zeroth == [str(s) for s in range(updates_0, trainer.global_step)]

@@ -60,10 +60,10 @@ def gpt2_models(tokenizer):
     return policy, HFRewardModel(classifier, tokenizer, max_length=64)
 
 
-def fresh_fit(tokenizer, prompts, root, callbacks=(), models=llama_models):
+def fresh_fit(tokenizer, prompts, root, callbacks=(), models=llama_models, **options):
     """Everything a user's script builds: policy and reward model (``models``), module,
-    callback, Trainer (checkpointing after every update) and loader; returns
-    ``(trainer, fit)``."""
+    callback, Trainer (checkpointing after every update; ``options`` to the Trainer) and
+    loader; returns ``(trainer, fit)``."""
     policy, reward = models(tokenizer)
     module = ZOPrOModule(
         policy,
@@ -81,14 +81,13 @@ def fresh_fit(tokenizer, prompts, root, callbacks=(), models=llama_models):
     every_update = ModelCheckpoint(
         dirpath=root, filename="{step}", save_top_k=-1, every_n_train_steps=1
     )
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer = L.Trainer(
         max_steps=UPDATES,
         accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         callbacks=[zopro, every_update, *callbacks],
+        **(defaults | options),
     )
     loader = ResumableDataLoader(
         prompts, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0)
