@@ -126,6 +126,8 @@ RULES: tuple[Rule, ...] = (
     _positive("policy.spsa.max_abs_grad", nullable=True),
     Rule("sampler.sampler.smoothing", float, ge=0, lt=1),
     Rule("sampler.sampler.initial_decay", float, ge=0, le=1),
+    _count("sampler.sampler.rank"),
+    _count("sampler.sampler.refresh_every", nullable=True),
     # loop
     _count("loop.iterations"),
     _count("loop.steps_per_iteration"),
@@ -170,7 +172,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.direction": ("update", "gradient"),
     "sampler.sampler.coefficients": ("shared", "per_tensor"),
     "sampler.sampler.decay": ("linear", "exp", "constant"),
-    "sampler.sampler.scale": ("isotropic", "previous_update"),
+    "sampler.sampler.scale": ("isotropic", "previous_update", "unit"),
+    "sampler.sampler.basis": ("random", "lowrank", "directions"),
     "dataset.task.prompt_length_mode": ("drop", "truncate"),
 }
 """Options with a fixed set of values."""
