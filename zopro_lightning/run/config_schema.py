@@ -138,6 +138,8 @@ RULES: tuple[Rule, ...] = (
     _positive("loop.zeroth_order_lr"),
     _positive("loop.refine.lr"),
     Rule("loop.refine.keep_close_alpha", float, ge=0, le=1, nullable=True),
+    Rule("loop.refine.judge_fraction", float, gt=0, le=1),
+    _positive("loop.refine.temperature", nullable=True),
     # per-sampler step size and perturbation (null: the loop's / the policy's)
     _positive("sampler.lr", nullable=True),
     _positive("sampler.eps", nullable=True),
