@@ -93,12 +93,16 @@ def run(cfg, run_dir: Path, resume: bool) -> dict[str, Any]:
     return run_pipeline(cfg, run_dir)
 
 
-def base_run(seed: int, common: list[str], workdir: Path) -> Path:
-    """The seed's whole first-order run (made once; reused while its summary exists)."""
+def base_run(seed: int, common: list[str], workdir: Path, iterations: int | None = None) -> Path:
+    """The seed's whole first-order run (made once; reused while its summary exists);
+    ``iterations``: only that many (1 is enough for the fully zeroth-order comparison, which
+    needs SFT, r_0 and first-order iteration 0)."""
     run_dir = workdir / f"seed_{seed}" / "first_order"
     if not (run_dir / "summary.json").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
-        run(compose(seed, [*METHODS["first_order"], "sampler=zopro", *common]), run_dir, False)
+        only = [f"loop.iterations={iterations}"] if iterations else []
+        run(compose(seed, [*METHODS["first_order"], "sampler=zopro", *common, *only]), run_dir,
+            False)
     return run_dir
 
 
@@ -312,6 +316,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
                         help="an override for every run, the base included (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("bench/work/schedules"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--base-iterations", type=int, default=None,
+                        help="iterations of the first-order base run (default: the config's; "
+                             "1 suffices for the fully zeroth-order comparison)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse a branch whose summary.json an earlier call wrote (same "
                              "workdir and overrides), to gather methods run separately")
@@ -334,7 +341,7 @@ def run_curves(
     curves: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
     settings: dict[str, list[str]] = {}
     for seed in args.seeds:
-        base = base_run(seed, args.common, args.workdir)
+        base = base_run(seed, args.common, args.workdir, args.base_iterations)
         for method in args.methods:
             overrides = [*METHODS[method], *args.common, *extra[method]]
             settings[method] = overrides
