@@ -319,6 +319,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
     parser.add_argument("--base-iterations", type=int, default=None,
                         help="iterations of the first-order base run (default: the config's; "
                              "1 suffices for the fully zeroth-order comparison)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a schedules JSON whose curves (same seeds) stand for the methods "
+                             "not run in this call, e.g. the default fully zeroth-order runs")
+    parser.add_argument("--baseline-methods", nargs="+", default=["zeroth_order"],
+                        help="the methods --baseline supplies")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse a branch whose summary.json an earlier call wrote (same "
                              "workdir and overrides), to gather methods run separately")
@@ -389,6 +394,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, extra = parse_args(argv)
     started = time.perf_counter()
     curves, settings = run_curves(args, extra)
+    if args.baseline:  # methods not run here, for the same seeds, from an earlier result
+        earlier = json.loads(args.baseline.read_text())
+        for method, by_seed in earlier["curves"].items():
+            found = {int(s): c for s, c in by_seed.items() if int(s) in args.seeds}
+            if method in args.baseline_methods and method not in curves and found:
+                curves[method] = found
+                settings[method] = earlier["overrides"].get(method, [])
     name = "schedules" + (f"_{args.tag}" if args.tag else "")
     out = args.out or RESULTS / f"{name}.json"
     payload = {
@@ -396,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "overrides": settings,
         "curves": {m: {str(s): c for s, c in by_seed.items()} for m, by_seed in curves.items()},
+        "baseline": str(args.baseline) if args.baseline else None,
         **aggregate(curves),
         "bench_seconds": time.perf_counter() - started,
     }
