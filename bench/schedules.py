@@ -17,6 +17,8 @@ evaluation, no refinement).
     python bench/schedules.py --seeds 0 1 2 3 4                  # the four methods
     python bench/schedules.py --seeds 100 101 --methods zopro \\
         --set zopro:sampler.lr=1e-2 --tag tune_lr1e-2             # a variant (tuning seeds)
+    python bench/schedules.py --seeds 100 101 --methods first_order zeroth_order \\
+        zeroth_order_subspace zeroth_order_lowrank --tag fully_zo_tune    # issue #19
 
 Writes ``bench/results/schedules[_TAG].json`` and ``.png`` (gold against updates and against
 training seconds, mean +- s.e. over seeds).
@@ -48,6 +50,19 @@ METHODS: dict[str, list[str]] = {
         "sampler.direction=gradient", "sampler.lr=5e-5",
     ],
     "zeroth_order": ["experiment=fully_zeroth_order", "sampler=zopro"],
+    # issue #19: fully zeroth-order variants, each against zeroth_order (paired) and against
+    # first-order iteration 0 from the same SFT at equal policy-learning seconds and updates
+    "zeroth_order_gaussian": ["experiment=fully_zeroth_order", "sampler=gaussian"],
+    "zeroth_order_subspace": ["experiment=fully_zeroth_order", "sampler=subspace"],
+    "zeroth_order_lowrank": [
+        "experiment=fully_zeroth_order", "sampler=subspace", "sampler.sampler.basis=lowrank",
+        "sampler.sampler.rank=1",
+    ],
+    # the authors' refinement (H4): judge the 60 % least confident, fresh completions at 0.7
+    "zeroth_order_refine_published": [
+        "experiment=fully_zeroth_order", "sampler=zopro", "loop.refine.judge_fraction=0.6",
+        "loop.refine.temperature=0.7",
+    ],
 }
 #: what a branch takes from the base run's state
 SHARED_STATE = {
@@ -78,12 +93,16 @@ def run(cfg, run_dir: Path, resume: bool) -> dict[str, Any]:
     return run_pipeline(cfg, run_dir)
 
 
-def base_run(seed: int, common: list[str], workdir: Path) -> Path:
-    """The seed's whole first-order run (made once; reused while its summary exists)."""
+def base_run(seed: int, common: list[str], workdir: Path, iterations: int | None = None) -> Path:
+    """The seed's whole first-order run (made once; reused while its summary exists);
+    ``iterations``: only that many (1 is enough for the fully zeroth-order comparison, which
+    needs SFT, r_0 and first-order iteration 0)."""
     run_dir = workdir / f"seed_{seed}" / "first_order"
     if not (run_dir / "summary.json").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
-        run(compose(seed, [*METHODS["first_order"], "sampler=zopro", *common]), run_dir, False)
+        only = [f"loop.iterations={iterations}"] if iterations else []
+        run(compose(seed, [*METHODS["first_order"], "sampler=zopro", *common, *only]), run_dir,
+            False)
     return run_dir
 
 
@@ -220,6 +239,44 @@ def targets(curves: dict[str, dict[int, dict]], table: dict, paired: dict) -> di
     return out
 
 
+def fully_zeroth_order(curves: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    """Every fully zeroth-order method (``zeroth_order*``) against first-order iteration 0
+    from the same SFT and r_0 (the base run's first iteration), per seed: the ZO gain from SFT,
+    the first-order gain at the same policy-learning seconds and at the same number of
+    updates (linear between SFT and iteration 0's end, its end past it), their paired
+    difference and ratio of means; and each variant minus ``zeroth_order`` (paired), in
+    standard errors."""
+    first = curves.get("first_order", {})
+    out: dict[str, Any] = {}
+    for method, by_seed in curves.items():
+        if not method.startswith("zeroth_order") or not first:
+            continue
+        seeds = sorted(set(by_seed) & set(first))
+        zo = [by_seed[s]["gold"][-1] - by_seed[s]["gold"][0] for s in seeds]
+        head = {s: {k: first[s][k][:2] for k in ("seconds", "gold", "updates")} for s in seeds}
+        at_seconds = [gain_at(head[s], by_seed[s]["seconds"][-1], 0) for s in seeds]
+        at_updates = [gain_at({"seconds": head[s]["updates"], "gold": head[s]["gold"]},
+                              by_seed[s]["updates"][-1], 0) for s in seeds]
+        row: dict[str, Any] = {"seeds": seeds, "zo_gain_from_sft": mean_se(zo),
+                               "zo_seconds": mean_se([by_seed[s]["seconds"][-1] for s in seeds])}
+        for label, fo in (("equal_seconds", at_seconds), ("equal_updates", at_updates)):
+            m, se = mean_se([a - b for a, b in zip(zo, fo, strict=True)])
+            mean_fo = statistics.fmean(fo) if fo else math.nan
+            row[label] = {"first_order_gain": mean_se(fo), "zo_minus_first_order": [m, se],
+                          "ratio": statistics.fmean(zo) / mean_fo if mean_fo else None,
+                          "per_seed_first_order": fo}
+        row["per_seed_zo"] = zo
+        if method != "zeroth_order" and "zeroth_order" in curves:
+            base = curves["zeroth_order"]
+            common = [s for s in seeds if s in base]
+            diffs = [by_seed[s]["gold"][-1] - base[s]["gold"][-1] for s in common]
+            m, se = mean_se(diffs)
+            row["minus_zeroth_order"] = {"mean": m, "se": se, "per_seed": diffs,
+                                         "in_standard_errors": m / se if se else None}
+        out[method] = row
+    return out
+
+
 def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
     import matplotlib
 
@@ -259,6 +316,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
                         help="an override for every run, the base included (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("bench/work/schedules"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--base-iterations", type=int, default=None,
+                        help="iterations of the first-order base run (default: the config's; "
+                             "1 suffices for the fully zeroth-order comparison)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a schedules JSON whose curves (same seeds) stand for the methods "
+                             "not run in this call, e.g. the default fully zeroth-order runs")
+    parser.add_argument("--baseline-methods", nargs="+", default=["zeroth_order"],
+                        help="the methods --baseline supplies")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a branch whose summary.json an earlier call wrote (same "
+                             "workdir and overrides), to gather methods run separately")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     extra: dict[str, list[str]] = {m: [] for m in METHODS}
@@ -278,7 +346,7 @@ def run_curves(
     curves: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
     settings: dict[str, list[str]] = {}
     for seed in args.seeds:
-        base = base_run(seed, args.common, args.workdir)
+        base = base_run(seed, args.common, args.workdir, args.base_iterations)
         for method in args.methods:
             overrides = [*METHODS[method], *args.common, *extra[method]]
             settings[method] = overrides
@@ -286,7 +354,11 @@ def run_curves(
                 summary = json.loads((base / "summary.json").read_text())
             else:
                 name = method + "".join(f"_{o}" for o in extra[method])
-                summary = branch(seed, overrides, base, args.workdir / f"seed_{seed}" / name)
+                run_dir = args.workdir / f"seed_{seed}" / name
+                if args.reuse and (run_dir / "summary.json").exists():  # made by an earlier call
+                    summary = json.loads((run_dir / "summary.json").read_text())
+                else:
+                    summary = branch(seed, overrides, base, run_dir)
             cfg = compose(seed, overrides)
             curves[method][seed] = curve(
                 summary, cfg.loop.first_order_steps or cfg.loop.steps_per_iteration,
@@ -308,12 +380,27 @@ def print_payload(payload: dict[str, Any]) -> None:
         print(f"{key:>24}: {row['mean']:+.4f} ± {row['se']:.4f} (ratio {row['ratio']})")
     for key, value in payload["targets"].items():
         print(f"{key}: {value}")
+    for method, row in payload.get("fully_zeroth_order", {}).items():
+        zo, sec, upd = row["zo_gain_from_sft"], row["equal_seconds"], row["equal_updates"]
+        versus = row.get("minus_zeroth_order")
+        print(f"{method}: gain from SFT {zo[0]:+.4f} ± {zo[1]:.4f}; first-order iteration 0 "
+              f"at equal seconds {sec['first_order_gain'][0]:+.4f} (ratio {sec['ratio']}), "
+              f"at equal updates {upd['first_order_gain'][0]:+.4f} (ratio {upd['ratio']})"
+              + (f"; minus zeroth_order {versus['mean']:+.4f} ± {versus['se']:.4f}"
+                 if versus else ""))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, extra = parse_args(argv)
     started = time.perf_counter()
     curves, settings = run_curves(args, extra)
+    if args.baseline:  # methods not run here, for the same seeds, from an earlier result
+        earlier = json.loads(args.baseline.read_text())
+        for method, by_seed in earlier["curves"].items():
+            found = {int(s): c for s, c in by_seed.items() if int(s) in args.seeds}
+            if method in args.baseline_methods and method not in curves and found:
+                curves[method] = found
+                settings[method] = earlier["overrides"].get(method, [])
     name = "schedules" + (f"_{args.tag}" if args.tag else "")
     out = args.out or RESULTS / f"{name}.json"
     payload = {
@@ -321,10 +408,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "overrides": settings,
         "curves": {m: {str(s): c for s, c in by_seed.items()} for m, by_seed in curves.items()},
+        "baseline": str(args.baseline) if args.baseline else None,
         **aggregate(curves),
         "bench_seconds": time.perf_counter() - started,
     }
     payload["targets"] = targets(curves, payload["methods"], payload["paired"])
+    payload["fully_zeroth_order"] = fully_zeroth_order(curves)
     write_results(name, payload, out)
     plot(curves, out.with_suffix(".png"))
     print_payload(payload)

@@ -19,9 +19,20 @@ The population gradient is estimated leave-one-out, ``G_{-b} = mean_{c != b} gra
 - ``cos(G, G before refinement)``: the gradient under the reward model before this
   iteration's refinement, from other rollouts, beside ``cos(G, G from other rollouts)`` under
   the same reward model: the ceiling two noisy estimates reach.
+- subspace samplers (issue #19, :class:`~zopro_lightning.zo.subspace_sampler.SubspaceSampler`):
+  a random ``k``-dim subspace per tensor for each ``--ranks`` value, LOZO's low-rank
+  ``U V^T`` for each ``--lowrank-ranks`` value, and subspaces spanned per tensor by batch
+  gradients: of other rollouts under the same reward model (``grads_same_reward``: what the
+  first-order step's own batches span), of rollouts under the reward model before this
+  iteration's refinement (``grads_before_refinement``: what the phase before could have
+  collected), and of ``mu`` with the optimizer's gradient mean (``trajectory``). For each,
+  ``captured`` = ``||P G|| / ||G||``: how much of the population gradient the subspace holds
+  (a random ``K``-dim subspace of ``D`` holds about ``sqrt(K / D)``).
 
     python bench/snr.py RUN_DIR                      # a run made with loop.schedule=first_order
     python bench/snr.py RUN_DIR --batches 8 --draws 64
+    python bench/snr.py RUN_DIR --draws 16 --ks 1 4 --ranks 8 64 256 --lowrank-ranks 1 4 \
+        --out bench/results/snr_subspace.json          # issue #19's subspace samplers
 
 Writes ``bench/results/snr.json``.
 """
@@ -45,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--draws", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--ranks", type=int, nargs="*", default=[],
+                        help="random-subspace dimensions k per tensor to measure")
+    parser.add_argument("--lowrank-ranks", type=int, nargs="*", default=[],
+                        help="LOZO ranks r (z = U V^T, V [n, r]) to measure")
+    parser.add_argument("--no-gradient-subspaces", action="store_true",
+                        help="skip the subspaces spanned by batch gradients")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -113,7 +130,7 @@ class GradientProbe:
 
         from zopro_lightning.rl.objectives import clipped_surrogate
         from zopro_lightning.rl.rollout import completion_logprobs
-        from zopro_lightning.run.pipeline import load_trainable
+        from zopro_lightning.run.phases import load_trainable
 
         load_trainable(self.reward.model, reward_weights)
         settings, prompts, batch = self.module.rollout_settings, self.prompts, self.batch
@@ -149,6 +166,64 @@ def samplers_for(candidates: dict) -> dict:
             sampler.set_directions(direction, None)
             samplers[f"zopro_{label}_d{d}"] = sampler
     return samplers
+
+
+def per_tensor(probe: GradientProbe, flats: list) -> dict:
+    """``{name: [m, numel]}``: the flat ``[D]`` vectors cut back into the trainable tensors."""
+    import torch
+
+    rows, start = {}, 0
+    stacked = torch.stack(flats).float()  # [m, D]
+    for name in probe.names:
+        numel = probe.params[name].numel()
+        rows[name] = stacked[:, start:start + numel]
+        start += numel
+    return rows
+
+
+def subspace_samplers(args: argparse.Namespace, probe: GradientProbe, spans: dict) -> dict:
+    """The subspace samplers to measure: random ``k`` per ``--ranks``, LOZO per
+    ``--lowrank-ranks``, and one spanned per tensor by each entry of ``spans`` (flat vectors)."""
+    from zopro_lightning.zo.subspace_sampler import SubspaceSampler
+
+    samplers: dict = {}
+    for k in args.ranks:
+        samplers[f"subspace_random_k{k}"] = SubspaceSampler(rank=k, basis="random")
+    for r in args.lowrank_ranks:
+        samplers[f"subspace_lowrank_r{r}"] = SubspaceSampler(rank=r, basis="lowrank")
+    for label, flats in spans.items():
+        sampler = SubspaceSampler(rank=len(flats), basis="directions")
+        sampler.set_basis(per_tensor(probe, flats))
+        samplers[f"subspace_{label}"] = sampler
+    return samplers
+
+
+def captured(probe: GradientProbe, sampler, gradient) -> dict:
+    """``||P G|| / ||G||`` for the sampler's subspace (per tensor, summed over tensors) and the
+    subspace's total dimension ``K``, with the exact projector of each tensor's basis
+    (``P = B B^T``; LOZO: ``G_n V V^T``)."""
+    from zopro_lightning.zo.directions import canonical_name
+
+    pieces = per_tensor(probe, [gradient])
+    held, dimension = 0.0, 0
+    for name in probe.names:
+        g = pieces[name][0].double()  # [numel]
+        shape = tuple(probe.params[name].shape)
+        key = canonical_name(name)
+        if sampler.basis == "lowrank" and len(shape) == 2:
+            v = sampler._random(key, shape[1], min(sampler.rank, shape[1])).double()  # [n, r]
+            proj = (g.view(shape) @ v @ v.T).flatten()
+        elif sampler.basis == "directions" and key in sampler._given:
+            rows = sampler._given[key].double()  # [K, numel]
+            proj = rows.T @ (rows @ g)
+        else:
+            basis = sampler._random(key, g.numel(), min(sampler.rank, g.numel())).double()
+            proj = basis @ (basis.T @ g)
+        held += float(proj.pow(2).sum())
+        dimension += sampler.dimension(name, shape)
+    return {"captured": math.sqrt(held) / float(gradient.double().norm()),
+            "dimension": dimension,
+            "random_subspace_expectation": math.sqrt(dimension / gradient.numel())}
 
 
 def spsa_cosines(probe: GradientProbe, sampler, grads: list, loo: list) -> dict:
@@ -188,9 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     # the reward model before this iteration's refinement: what the policy was trained on
     earlier = load_state(args.run_dir, "start" if args.iteration == 0 else
                          f"iteration_{args.iteration - 1}")["reward"]
-    gradient_before = torch.stack(probe.population_gradient(earlier, offset=1000)).mean(0)
+    grads_before = probe.population_gradient(earlier, offset=1000)
+    gradient_before = torch.stack(grads_before).mean(0)
     # the same gradient from other rollouts: the ceiling two noisy estimates can reach
-    gradient_again = torch.stack(probe.population_gradient(state["reward"], offset=1000)).mean(0)
+    grads_again = probe.population_gradient(state["reward"], offset=1000)
+    gradient_again = torch.stack(grads_again).mean(0)
     grads = probe.population_gradient(state["reward"])  # [B] of [D], the refined reward model
     policy.zero_grad(set_to_none=True)
     grads_t = torch.stack(grads)  # [B, D]
@@ -203,6 +280,17 @@ def main(argv: list[str] | None = None) -> dict:
         f"spsa_{label}": spsa_cosines(probe, sampler, grads, loo)
         for label, sampler in samplers_for(candidates).items()
     }
+    spans = {} if args.no_gradient_subspaces else {
+        "grads_same_reward": grads_again,
+        "grads_before_refinement": grads_before,
+        "trajectory": [probe.flat(direction) for direction in candidates.values()],
+    }
+    subspaces = subspace_samplers(args, probe, spans)
+    subspace_held = {f"spsa_{label}": captured(probe, sampler, total)
+                     for label, sampler in subspaces.items()}
+    for label, sampler in subspaces.items():
+        results[f"spsa_{label}"] = spsa_cosines(probe, sampler, grads, loo)
+        print(label, subspace_held[f"spsa_{label}"], results[f"spsa_{label}"], flush=True)
     results = {"first_order": {"mean_cos": statistics.fmean(first),
                                "se": statistics.stdev(first) / math.sqrt(len(first))}} | results
     payload = {
@@ -221,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_gradient_norm_mean": statistics.fmean(float(g.norm()) for g in grads),
         "population_gradient_norm": float(total.norm() / len(grads)),
         "results": results,
+        "subspace_captured_population_gradient": subspace_held,
     }
     write_results("snr", payload, args.out)
     print_payload(payload)

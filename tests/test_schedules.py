@@ -114,3 +114,32 @@ def test_schedules_bench_branches_share_sft_r0_and_iteration_0(tmp_path):
     assert branch["optimizer"] == "first_order_then_zeroth_order" and branch["sampler"] == "zopro"
     assert (tmp_path / "schedules.png").stat().st_size > 0
     assert "zopro_minus_first_order" in payload["paired"]
+
+
+def test_fully_zeroth_order_comparison_reads_first_order_iteration_0_at_equal_time():
+    """bench/schedules.py (issue #19): a fully zeroth-order curve against the first-order
+    run's iteration 0 from the same SFT, at equal seconds and at equal updates, and a
+    variant against the default fully zeroth-order method, paired over seeds."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import schedules
+
+    def run(gold, seconds, updates):
+        return {"gold": gold, "seconds": seconds, "updates": updates}
+
+    first = {s: run([0.0, 0.2, 0.3], [0.0, 10.0, 15.0], [0, 100, 150]) for s in (0, 1)}
+    zo = {0: run([0.0, 0.01, 0.02], [0.0, 2.5, 5.0], [0, 25, 50]),
+          1: run([0.0, 0.01, 0.04], [0.0, 2.5, 5.0], [0, 25, 50])}
+    variant = {0: run([0.0, 0.02, 0.03], [0.0, 2.5, 5.0], [0, 25, 50]),
+               1: run([0.0, 0.02, 0.06], [0.0, 2.5, 5.0], [0, 25, 50])}
+    out = schedules.fully_zeroth_order(
+        {"first_order": first, "zeroth_order": zo, "zeroth_order_subspace": variant}
+    )
+    row = out["zeroth_order"]
+    assert row["zo_gain_from_sft"][0] == pytest.approx(0.03)
+    # 5 s of the first-order iteration 0 (0.2 in 10 s): 0.1; 50 updates of 100: 0.1
+    assert row["equal_seconds"]["first_order_gain"][0] == pytest.approx(0.1)
+    assert row["equal_updates"]["first_order_gain"][0] == pytest.approx(0.1)
+    assert row["equal_seconds"]["ratio"] == pytest.approx(0.3)
+    versus = out["zeroth_order_subspace"]["minus_zeroth_order"]
+    assert versus["per_seed"] == pytest.approx([0.01, 0.02])
+    assert versus["mean"] == pytest.approx(0.015) and versus["se"] == pytest.approx(0.005)

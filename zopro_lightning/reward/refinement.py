@@ -23,12 +23,19 @@ Judge = Callable[[list[str], list[str], list[str]], Tensor]
 
 
 def fresh_completions(
-    module, prompts: Sequence[str], batch_size: int = 64, progress: str | None = None
+    module,
+    prompts: Sequence[str],
+    batch_size: int = 64,
+    progress: str | None = None,
+    temperature: float | None = None,
 ) -> list[str]:
     """One new sampled completion per prompt from the module's current policy (``progress``:
-    the description of a progress bar, ``None`` for none)."""
+    the description of a progress bar, ``None`` for none; ``temperature``: the sampling
+    temperature, ``None`` for the rollout's)."""
     config = module.rollout_config
     config.k = 1
+    if temperature is not None:
+        config.temperature = float(temperature)
     completions: list[str] = []
     module.policy.eval()
     with progress_bar(len(prompts), progress) as bar:
@@ -60,11 +67,41 @@ def judge_in_chunks(
     return torch.cat(labels)
 
 
+def least_confident(
+    records: Sequence[tuple[str, str]], scores: Tensor, fraction: float
+) -> list[tuple[str, str]]:
+    r"""The ``ceil(fraction * N)`` records whose reward ``|r_i|`` is smallest, in their order.
+
+    The reward model is least sure of a completion whose score is near 0 (a Bradley–Terry score
+    far from 0 says the model already ranks it with confidence), so a judge's answer teaches
+    it most there: the ZOPrO authors judge the 60 % least confident (``fraction = 0.6``).
+    ``scores`` is ``[N]``; ties keep the earlier record; a non-finite score counts as least
+    confident (``|r| = 0``).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"judge_fraction must lie in (0, 1], got {fraction}.")
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    if scores.numel() != len(records):
+        raise ValueError(
+            f"least_confident: {scores.numel()} scores for {len(records)} records; the reward "
+            "callable must return one score per (prompt, completion)."
+        )
+    keep = math.ceil(fraction * len(records))
+    confidence = torch.nan_to_num(scores.abs(), nan=0.0, posinf=0.0, neginf=0.0)
+    order = torch.sort(confidence, stable=True).indices[:keep]  # [keep]
+    return [records[i] for i in sorted(order.tolist())]
+
+
 def judged_pairs(
-    module, judge: Judge, records: Sequence[tuple[str, str]], progress: bool = False
+    module,
+    judge: Judge,
+    records: Sequence[tuple[str, str]],
+    progress: bool = False,
+    temperature: float | None = None,
 ) -> list[dict[str, str]]:
     """Pairs ``{prompt, chosen, rejected}`` from stored vs fresh completions, as judged
-    (``progress``: bars for the fresh completions and the judging).
+    (``progress``: bars for the fresh completions and the judging; ``temperature``: of the
+    fresh completions, ``None`` for the rollout's).
 
     The judge returns 1 where the first (stored) completion is better, 0 where the second is,
     NaN where it cannot tell; undecided pairs and identical completions are dropped.
@@ -73,7 +110,12 @@ def judged_pairs(
         return []
     prompts = [prompt for prompt, _ in records]
     stored = [completion for _, completion in records]
-    fresh = fresh_completions(module, prompts, progress="fresh completions" if progress else None)
+    fresh = fresh_completions(
+        module,
+        prompts,
+        progress="fresh completions" if progress else None,
+        temperature=temperature,
+    )
     labels = judge_in_chunks(
         judge, prompts, stored, fresh, progress="judging" if progress else None
     )
@@ -139,6 +181,11 @@ class RefinementSettings:
         keep_close_alpha: ``alpha`` of the keep-close merge
             ``phi <- alpha * phi_prev + (1 - alpha) * phi_new`` (``None``: no merge).
         warmup_fraction: of the steps, the learning rate's linear warm-up.
+        judge_fraction: of the chunk's records, those judged: the ``ceil(fraction N)`` the
+            reward model is least confident of (smallest ``|r|``, :func:`least_confident`);
+            1.0 (the default) judges all, the ZOPrO authors used 0.6.
+        temperature: sampling temperature of the fresh completions (``None``: the rollout's;
+            the authors sampled at 0.7).
     """
 
     epochs: int = 2
@@ -146,6 +193,8 @@ class RefinementSettings:
     batch_size: int = 16
     keep_close_alpha: float | None = None
     warmup_fraction: float = 0.0
+    judge_fraction: float = 1.0
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -157,6 +206,12 @@ class RefinementSettings:
             raise ValueError(f"refinement lr must be finite and > 0, got {self.lr}.")
         if self.keep_close_alpha is not None and not 0.0 <= self.keep_close_alpha <= 1.0:
             raise ValueError(f"keep_close_alpha must lie in [0, 1], got {self.keep_close_alpha}.")
+        if not 0.0 < self.judge_fraction <= 1.0:
+            raise ValueError(f"judge_fraction must lie in (0, 1], got {self.judge_fraction}.")
+        if self.temperature is not None and not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(f"refinement temperature must be > 0, got {self.temperature}.")
 
 
 class RewardRefinement:
@@ -198,6 +253,7 @@ class RewardRefinement:
         from zopro_lightning.models.loading import trainable_state
         from zopro_lightning.reward.training import fit_reward_model
 
+        records = self.selected(reward, records)
         pairs, judged = self.judged(module, records, trainer)
         before = trainable_state(reward.model)
         settings = self.settings
@@ -216,6 +272,17 @@ class RewardRefinement:
             keep_close_merge(reward.model, before, settings.keep_close_alpha)
         return {"pairs": len(pairs), "judged": judged, "dropped": judged - len(pairs)}
 
+    def selected(
+        self, reward: Any, records: Sequence[tuple[str, str]]
+    ) -> Sequence[tuple[str, str]]:
+        """The records to judge: all, or the least confident ``judge_fraction`` of them under
+        ``reward`` (``reward(prompts, completions) -> Tensor[N]``, the model being refined)."""
+        fraction = self.settings.judge_fraction
+        if fraction >= 1.0 or not records:
+            return records
+        scores = reward([p for p, _ in records], [c for _, c in records])
+        return least_confident(records, scores, fraction)
+
     def judged(
         self, module: Any, records: Sequence[tuple[str, str]], trainer: Any = None
     ) -> tuple[list[dict[str, str]], int]:
@@ -225,7 +292,9 @@ class RewardRefinement:
         judge = self.judge
         inner = judge.judge if isinstance(judge, ReadablePromptJudge) else judge  # counters
         counts_before = judge_counts(inner)
-        pairs = judged_pairs(module, judge, records, progress=self.progress)
+        pairs = judged_pairs(
+            module, judge, records, progress=self.progress, temperature=self.settings.temperature
+        )
         if trainer is None or not is_multi_process(trainer):
             return pairs, len(records)
         shares = gather_objects([(len(records), judge_counts(inner))], trainer)

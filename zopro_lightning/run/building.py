@@ -141,6 +141,8 @@ def reward_refinement(
         batch_size=rm.batch_size,
         keep_close_alpha=refine.keep_close_alpha,
         warmup_fraction=rm.get("warmup_fraction", 0.0),
+        judge_fraction=refine.get("judge_fraction", 1.0),
+        temperature=refine.get("temperature"),
     )
     return RewardRefinement(judge, settings, trainer_factory, cfg.seed, progress)
 

@@ -126,6 +126,8 @@ RULES: tuple[Rule, ...] = (
     _positive("policy.spsa.max_abs_grad", nullable=True),
     Rule("sampler.sampler.smoothing", float, ge=0, lt=1),
     Rule("sampler.sampler.initial_decay", float, ge=0, le=1),
+    _count("sampler.sampler.rank"),
+    _count("sampler.sampler.refresh_every", nullable=True),
     # loop
     _count("loop.iterations"),
     _count("loop.steps_per_iteration"),
@@ -136,6 +138,8 @@ RULES: tuple[Rule, ...] = (
     _positive("loop.zeroth_order_lr"),
     _positive("loop.refine.lr"),
     Rule("loop.refine.keep_close_alpha", float, ge=0, le=1, nullable=True),
+    Rule("loop.refine.judge_fraction", float, gt=0, le=1),
+    _positive("loop.refine.temperature", nullable=True),
     # per-sampler step size and perturbation (null: the loop's / the policy's)
     _positive("sampler.lr", nullable=True),
     _positive("sampler.eps", nullable=True),
@@ -170,7 +174,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.direction": ("update", "gradient"),
     "sampler.sampler.coefficients": ("shared", "per_tensor"),
     "sampler.sampler.decay": ("linear", "exp", "constant"),
-    "sampler.sampler.scale": ("isotropic", "previous_update"),
+    "sampler.sampler.scale": ("isotropic", "previous_update", "unit"),
+    "sampler.sampler.basis": ("random", "lowrank", "directions"),
     "dataset.task.prompt_length_mode": ("drop", "truncate"),
 }
 """Options with a fixed set of values."""
