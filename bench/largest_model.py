@@ -33,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,14 @@ def run_child(mode: str, size: str, args: argparse.Namespace, cap: int) -> dict[
     command = [sys.executable, __file__, "--worker", mode, size, *settings_argv(args)]
     env = {**os.environ, **MALLOC_ENV}
     start = time.perf_counter()
-    child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    watched = watch(child, cap, args.child_timeout)
-    stdout, stderr = child.communicate()
+    # files, not pipes: a pipe nobody reads during the run would block a chatty child
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(
+            command, stdout=out, stderr=err, text=True, env=env, preexec_fn=die_with_parent
+        )
+        watched = watch(child, cap, args.child_timeout)
+        child.wait()
+        stdout, stderr = read_back(out), read_back(err)
     seconds = time.perf_counter() - start
     if child.returncode == 0 and watched is None:
         return json.loads(stdout.strip().splitlines()[-1]) | {"fit": True, "seconds": seconds}
@@ -115,6 +119,19 @@ def run_child(mode: str, size: str, args: argparse.Namespace, cap: int) -> dict[
         "seconds": seconds,
         "stderr_tail": stderr[-2000:],
     }
+
+
+def die_with_parent() -> None:
+    """In the child: SIGKILL when the driver dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so
+    no multi-GB worker outlives an interrupted sweep."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def read_back(handle: Any) -> str:
+    handle.seek(0)
+    return handle.read()
 
 
 def watch(child: subprocess.Popen, cap: int, timeout: float) -> str | None:
@@ -224,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}")
     rows = sweep(args)
-    command = "python bench/largest_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python bench/largest_model.py " + " ".join(given)
     payload = {
         "benchmark": "largest_model",
         **environment(),

@@ -31,6 +31,7 @@ SIZES = {
     "8B": (4096, 38, 11008),
 }
 VOCAB = 32000
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 #: mode -> (LoRA?, optimizer name, how the weights are held and run)
 MODES = {
@@ -167,7 +168,7 @@ def build(mode: str, size: str) -> Built:
     if checkpointing:
         keep_checkpointing_on(model)
     if lora:
-        model = add_lora(model, r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model = add_lora(model, r=8, alpha=16, target_modules=LORA_TARGETS)
     else:
         model.requires_grad_(True)
     total = sum(p.numel() for p in model.parameters())
@@ -216,9 +217,10 @@ def policy_updates(built: Built, mode: str, batch: list[str], settings: dict) ->
     from zopro_lightning.zo.optim import SPSASettings
 
     _, optimizer, _ = MODES[mode]
+    lr = 1e-6 if optimizer == "first_order" else 1e-7
     module = ZOPrOModule(
         built.policy, built.tokenizer, count_w1,
-        optimizer=OptimizerSettings(name=optimizer, lr=1e-6 if optimizer == "first_order" else 1e-7),
+        optimizer=OptimizerSettings(name=optimizer, lr=lr),
         rollout=RolloutSettings(k=settings["k"], max_new_tokens=settings["new_tokens"], beta=0.05),
         spsa=SPSASettings(exact_restore=True),  # bit-exact restore (16-bit weights need it)
     )  # fmt: skip
