@@ -183,14 +183,20 @@ def lr_scheduler(
 
 
 def exact_restore(settings: SPSASettings, policy: nn.Module) -> bool:
-    """``settings.exact_restore``, or when it is ``None``: exact when the trainable values are
-    at most 10 % of the model's (LoRA: the copy is small), arithmetic otherwise
-    (full-parameter: keeps inference-level memory)."""
-    if settings.exact_restore is not None:
-        return bool(settings.exact_restore)
+    """``settings.exact_restore``; ``None`` is exact (the layer-by-layer swap makes it free
+    of a copy where the trainable set is large)."""
+    return settings.exact_restore is not False
+
+
+def layerwise(settings: SPSASettings, policy: nn.Module) -> bool:
+    """``settings.layerwise``, or when it is ``None``: swap layer by layer when the trainable
+    values are over 10 % of the model's (full-parameter: a copy would double the weights),
+    copy otherwise (LoRA: the copy is small)."""
+    if settings.layerwise is not None:
+        return bool(settings.layerwise)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
-    return trainable <= 0.1 * total
+    return trainable > 0.1 * total
 
 
 def zeroth_order_parameters(
@@ -258,10 +264,15 @@ def configure(module: ZOPrOModule) -> dict[str, Any]:
         optimizer = ZerothOrderOptimizer(
             module.zeroth_order_parameters().items(),
             module.sampler,
-            dataclasses.replace(module.spsa_settings, exact_restore=module._exact_restore()),
+            dataclasses.replace(
+                module.spsa_settings,
+                exact_restore=module._exact_restore(),
+                layerwise=layerwise(module.spsa_settings, module.policy),
+            ),
             lr=settings.lr,
             weight_decay=settings.weight_decay,
             reduce_fn=module._cross_rank_mean if multi_process else None,
+            model=module.policy,
         )
     total = module.total_policy_updates()
     module.sampler.set_horizon(total)

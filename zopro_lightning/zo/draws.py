@@ -73,9 +73,13 @@ def _chunks(tensor: Tensor) -> list[tuple[int, int, int]]:
 def run_tasks(tasks: list[Task], parallel: bool = True) -> None:
     """Run ``tasks`` (which touch disjoint memory), autograd off, on a pool of
     ``torch.get_num_threads()`` threads; serially when ``parallel`` is false (any CUDA tensor:
-    its kernels belong on the caller's stream), or with one thread or one task."""
+    its kernels belong on the caller's stream), with one thread or one task, or when called
+    from one of the pool's own threads (a task that draws a whole tensor: handing its chunks
+    to the pool it runs on and waiting for them would let every pool thread wait on work no
+    thread is free to run)."""
     threads = max(1, torch.get_num_threads())
-    if not parallel or threads == 1 or len(tasks) <= 1:
+    nested = getattr(_buffers, "in_pool", False)
+    if not parallel or threads == 1 or len(tasks) <= 1 or nested:
         with torch.no_grad():
             for task in tasks:
                 task()
@@ -84,6 +88,7 @@ def run_tasks(tasks: list[Task], parallel: bool = True) -> None:
         _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zopro-draw")
 
     def run_share(share: list[Task]) -> None:
+        _buffers.in_pool = True  # a task that runs tasks runs them here, on this thread
         with torch.no_grad():  # grad mode is per thread: a worker starts with it on
             for task in share:
                 task()
@@ -114,32 +119,105 @@ def draw(param: Tensor, generator: torch.Generator, fill: Fill) -> Tensor:
     return out.view(param.shape)
 
 
+def _chunk_buffer(numel: int) -> Tensor:
+    """This thread's float32 scratch of :data:`CHUNK_NUMEL` values, its first ``numel``."""
+    buffer = getattr(_buffers, "chunk", None)
+    if buffer is None:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference
+            buffer = _buffers.chunk = torch.empty(CHUNK_NUMEL, dtype=torch.float32)
+    return buffer[:numel]
+
+
+def _chunked(param: Tensor) -> bool:
+    """Whether ``param`` is worked on chunk by chunk: a contiguous CPU tensor."""
+    return param.device.type == "cpu" and param.is_contiguous()
+
+
 def add_draw_tasks(
     param: Tensor, generator: torch.Generator, fill: Fill, alpha: float
 ) -> list[Task]:
     """Tasks that together do ``param += alpha * z`` in place, with
-    ``z = draw(param, generator, fill)`` (the same numbers), for :func:`run_tasks`.
+    ``z = draw(param, generator, fill).to(param.dtype)`` (the same numbers), for
+    :func:`run_tasks`.
 
-    A contiguous float32 CPU tensor is done chunk by chunk, each chunk drawn into a small
-    per-thread buffer and added at once, so ``z`` is never held whole; any other tensor in one
-    task that draws ``z`` whole.
+    A contiguous CPU tensor of any dtype is done chunk by chunk, each chunk drawn into a small
+    per-thread float32 buffer and added at once, so ``z`` is never held whole; any other
+    tensor in one task that draws ``z`` whole.
     """
-    if not (param.device.type == "cpu" and param.dtype == torch.float32 and param.is_contiguous()):
+    if not _chunked(param):
         return [lambda: param.add_(draw(param, generator, fill).to(param.dtype), alpha=alpha)]
     flat = param.detach().view(-1)
 
     def add_chunk(index: int, start: int, stop: int) -> Task:
         def task() -> None:
-            buffer = getattr(_buffers, "chunk", None)
-            if buffer is None:
-                buffer = _buffers.chunk = torch.empty(CHUNK_NUMEL, dtype=torch.float32)
-            part = buffer[: stop - start]
+            part = _chunk_buffer(stop - start)
             fill(part, _chunk_generator(generator, index))
-            flat[start:stop].add_(part, alpha=alpha)
+            z = part if flat.dtype == part.dtype else part.to(flat.dtype)
+            flat[start:stop].add_(z, alpha=alpha)
 
         return task
 
     return [add_chunk(*chunk) for chunk in _chunks(flat)]
+
+
+def perturbed_copy_tasks(
+    param: Tensor, out: Tensor, generator: torch.Generator, fill: Fill, alpha: float
+) -> list[Task]:
+    """Tasks that together write ``out = param + alpha * z`` (``z`` as in
+    :func:`add_draw_tasks`, the same arithmetic, so ``out`` equals ``param`` after
+    ``add_draw_tasks`` bit for bit) without changing ``param``; chunk by chunk on a CPU."""
+    if not _chunked(param):
+        return [
+            lambda: torch.add(
+                param, draw(param, generator, fill).to(param.dtype), alpha=alpha, out=out
+            )
+        ]
+    flat, flat_out = param.detach().view(-1), out.view(-1)
+
+    def copy_chunk(index: int, start: int, stop: int) -> Task:
+        def task() -> None:
+            part = _chunk_buffer(stop - start)
+            fill(part, _chunk_generator(generator, index))
+            z = part if flat.dtype == part.dtype else part.to(flat.dtype)
+            torch.add(flat[start:stop], z, alpha=alpha, out=flat_out[start:stop])
+
+        return task
+
+    return [copy_chunk(*chunk) for chunk in _chunks(flat)]
+
+
+def rounded_update_tasks(
+    param: Tensor,
+    generators: list[torch.Generator],
+    fill: Fill,
+    alphas: list[float],
+    decay: float,
+    rounding: torch.Generator,
+    round_fn: Callable[[Tensor, torch.dtype, torch.Generator], Tensor],
+) -> list[Task]:
+    """Tasks that together do ``param = round_fn(decay * param + sum_j alphas[j] z_j)`` with the
+    sum taken in float32 (``z_j`` drawn from ``generators[j]``, float32 as :func:`draw` gives)
+    and one rounding to ``param.dtype`` at the end; chunk by chunk on a CPU, where chunk ``c``
+    of the rounding takes the generator ``derive(rounding, c)``."""
+    def update(target: Tensor, zs: Callable[[int], Tensor], round_with: torch.Generator) -> None:
+        total = target.to(torch.float32, copy=True).mul_(decay)  # (chunk,)
+        for j, alpha in enumerate(alphas):
+            total.add_(zs(j), alpha=alpha)
+        target.copy_(round_fn(total, param.dtype, round_with))
+
+    if not _chunked(param):
+        return [lambda: update(param, lambda j: draw(param, generators[j], fill), rounding)]
+    flat = param.detach().view(-1)
+
+    def update_chunk(index: int, start: int, stop: int) -> Task:
+        def chunk_z(j: int) -> Tensor:
+            part = _chunk_buffer(stop - start)
+            fill(part, _chunk_generator(generators[j], index))
+            return part
+
+        return lambda: update(flat[start:stop], chunk_z, _chunk_generator(rounding, index))
+
+    return [update_chunk(*chunk) for chunk in _chunks(flat)]
 
 
 def normal_fill(out: Tensor, generator: torch.Generator) -> None:

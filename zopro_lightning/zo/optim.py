@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from zopro_lightning.zo.layerwise import LayerwiseSubstitution
 from zopro_lightning.zo.samplers import PerturbationSampler
 from zopro_lightning.zo.spsa import (
     GradientFn,
@@ -80,9 +81,16 @@ class SPSASettings:
         max_abs_grad: bound on each ``|g_j|`` after the cross-rank mean (``None``: off).
         trainable: a regular expression; steps perturb and move only the trainable tensors
             whose names match it (``None``: all).
-        exact_restore: restore ``theta`` from a copy of the trainable tensors (bit-exact) or by
-            arithmetic (no copy). ``None``: ``ZOPrOModule`` picks exact when the trainable set
-            is at most 10 % of the model (LoRA); ``spsa_step`` alone takes it as exact.
+        exact_restore: ``theta`` bit-exact after the two evaluations (``True``, and ``None``)
+            or restored by arithmetic, MeZO's ``+eps z, -2 eps z, +eps z`` (``False``: float32
+            only, since 16-bit weights drift).
+        layerwise: how an exact restore is had. ``True``: the evaluations swap each module's
+            trainable tensors for ``theta +- eps z`` during its forward and never write
+            ``theta`` (no copy: one layer's tensors at a time;
+            :mod:`~zopro_lightning.zo.layerwise`). ``False``: perturb in place and copy
+            back from a copy of the trainable tensors. ``None``: ``ZOPrOModule`` swaps layer
+            by layer when the trainable set is over 10 % of the model (full-parameter), and
+            copies otherwise (LoRA: the copy is small).
         cache_directions: keep each ``z`` after its first draw instead of regenerating it
             (same numbers; for small trainable sets).
 
@@ -99,6 +107,7 @@ class SPSASettings:
     max_abs_grad: float | None = None
     trainable: str | None = None
     exact_restore: bool | None = None
+    layerwise: bool | None = None
     cache_directions: bool = False
 
     def __post_init__(self) -> None:
@@ -122,6 +131,9 @@ class SPSASettings:
             "null (all) or a regular expression"
         )
         yield "exact_restore", self.exact_restore is None or isinstance(self.exact_restore, bool), (
+            "null (by the trainable share), true or false"
+        )
+        yield "layerwise", self.layerwise is None or isinstance(self.layerwise, bool), (
             "null (by the trainable share), true or false"
         )
         yield "cache_directions", isinstance(self.cache_directions, bool), "true or false"
@@ -180,6 +192,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         lr: learning rate (``param_groups[0]["lr"]``).
         weight_decay: ``lambda``, on matrices only (``param_groups[0]["weight_decay"]``).
         reduce_fn: cross-rank mean of the step's scalars (``None`` on one process).
+        model: the network the loss runs; with ``settings.layerwise`` (and an exact restore)
+            the evaluations swap its trainable tensors layer by layer instead of writing them.
     """
 
     def __init__(
@@ -191,6 +205,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         reduce_fn: ReduceFn | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         named = list(named_params)
         if not named:
@@ -204,6 +219,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.settings = settings if settings is not None else SPSASettings()
         self.reduce_fn = reduce_fn
         self.skipped_steps = 0
+        swap = model is not None and self.settings.layerwise and self.settings.restores_exactly
+        self.layerwise = LayerwiseSubstitution(model, dict(named)) if swap else None
 
     @property
     def named_parameters(self) -> dict[str, Tensor]:
@@ -241,7 +258,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             result = spsa_step(
                 self.named_parameters, loss_fn, self.sampler, self.settings,
                 seed=inner_seed(seed, i), lr=group["lr"], weight_decay=group["weight_decay"],
-                reduce_fn=self.reduce_fn, update_fn=rule,
+                reduce_fn=self.reduce_fn, update_fn=rule, layerwise=self.layerwise,
             )  # fmt: skip
             self.skipped_steps += int(result.skipped)
             results.append(result)

@@ -58,6 +58,8 @@ from torch import Tensor
 
 from zopro_lightning.zo import draws
 from zopro_lightning.zo.draws import derive_seed
+from zopro_lightning.zo.layerwise import LayerwiseSubstitution
+from zopro_lightning.zo.rounding import LOW_PRECISION, round_stochastically
 from zopro_lightning.zo.samplers import PerturbationSampler
 
 if TYPE_CHECKING:
@@ -164,6 +166,45 @@ class _Directions:
             return [lambda: param.add_(self(j, name, param), alpha=alpha)]
         return draws.add_draw_tasks(param, self.generator(j, name, param), fill, alpha)
 
+    def perturbed(self, j: int, scale: float) -> Callable[[str, Tensor], Tensor]:
+        """``make(name, param) = param + scale * z_j``, a new tensor (``param`` unchanged), with
+        the arithmetic of :meth:`add_tasks` (so the same numbers as perturbing in place)."""
+
+        def make(name: str, param: Tensor) -> Tensor:
+            out = torch.empty_like(param)
+            fill = getattr(self.sampler, "fill", None)
+            if fill is None or self.cache:
+                torch.add(param, self(j, name, param), alpha=scale, out=out)
+            else:
+                generator = self.generator(j, name, param)
+                tasks = draws.perturbed_copy_tasks(param, out, generator, fill, scale)
+                draws.run_tasks(tasks, parallel=param.device.type == "cpu")
+            return out
+
+        return make
+
+    def rounded_update_tasks(
+        self, name: str, param: Tensor, alphas: list[float], decay: float
+    ) -> list[draws.Task]:
+        """Tasks doing ``param = round(decay * param + sum_j alphas[j] z_j)``, the sum in float32
+        and one stochastic rounding to ``param``'s 16-bit dtype (:mod:`~.rounding`), its random
+        bits seeded from ``(step seed, "round", name)``."""
+        rounding = tensor_generator(derive_seed(self.seed, "round"), name, param.device)
+        fill = getattr(self.sampler, "fill", None)
+        if fill is not None and not self.cache:
+            generators = [self.generator(j, name, param) for j in range(len(alphas))]
+            return draws.rounded_update_tasks(
+                param, generators, fill, alphas, decay, rounding, round_stochastically
+            )
+
+        def whole() -> None:
+            total = param.to(torch.float32, copy=True).mul_(decay)
+            for j, alpha in enumerate(alphas):
+                total.add_(self(j, name, param).float(), alpha=alpha)
+            param.copy_(round_stochastically(total, param.dtype, rounding))
+
+        return [whole]
+
 
 def all_finite(tensor: Tensor) -> bool:
     """Whether every value of ``tensor`` is finite: a finite sum proves it (NaN and inf
@@ -202,6 +243,7 @@ def spsa_step(
     weight_decay: float = 0.0,
     reduce_fn: ReduceFn | None = None,
     update_fn: UpdateFn | None = None,
+    layerwise: LayerwiseSubstitution | None = None,
 ) -> SPSAResult:
     """One forward-only update of ``params`` (the module docstring has the math and guards).
 
@@ -219,14 +261,24 @@ def spsa_step(
             ``update_fn(params, gradient)`` applies a rule owning ``lr`` and the decay, with
             ``gradient(name, param) = mean_j g_j z_j`` one tensor at a time; ``False`` from it
             (a non-finite value, its own state restored) undoes ``theta`` too.
+        layerwise: the swaps of ``params`` in the model ``loss_fn`` runs; with an exact
+            restore, the evaluations then see ``theta +- eps z`` module by module and
+            ``theta`` is never written (no copy); ``None``: perturb in place.
 
     Raises:
         FloatingPointError: an update left a non-finite weight with no copy to undo it from.
+        ValueError: ``layerwise`` missed a tensor the loss reads outside its module.
     """
     directions = _Directions(sampler, seed, settings.cache_directions)
     exact = settings.restores_exactly
-    backup = {n: p.detach().clone() for n, p in params.items()} if exact else None
-    stats = _two_point_losses(params, loss_fn, directions, settings, backup)
+    layerwise = layerwise if exact else None
+    # a copy: to restore theta after in-place evaluations, or to undo a rule's non-finite step
+    keep_copy = exact and (layerwise is None or update_fn is not None)
+    backup = {n: p.detach().clone() for n, p in params.items()} if keep_copy else None
+    if layerwise is not None:
+        stats = _layerwise_losses(loss_fn, directions, settings, layerwise)
+    else:
+        stats = _two_point_losses(params, loss_fn, directions, settings, backup)
     if reduce_fn is not None:
         stats = reduce_fn(stats)
     skipped = not bool(torch.isfinite(stats[0]).all())  # any non-finite g_j, not all
@@ -234,7 +286,7 @@ def spsa_step(
     non_finite_update = not skipped and not _finite_scalars(params, grads, lr, weight_decay)
     skipped = skipped or non_finite_update
 
-    pending_restore = settings.eps if backup is None else 0.0  # theta - eps z_last: + eps z_last
+    pending_restore = 0.0 if exact else settings.eps  # theta - eps z_last: + eps z_last
     if skipped:
         if pending_restore:
             perturb_(params, directions, len(grads) - 1, pending_restore)
@@ -310,6 +362,30 @@ def _two_point_losses(
     return stats
 
 
+def _layerwise_losses(
+    loss_fn: LossFn,
+    directions: _Directions,
+    settings: SPSASettings,
+    layerwise: LayerwiseSubstitution,
+) -> Tensor:
+    """``[3, q]``: ``(g_j, L+_j, L-_j)`` as :func:`_two_point_losses`, each loss evaluated with
+    the trainable tensors swapped for ``theta +- eps z_j`` module by module
+    (:class:`~zopro_lightning.zo.layerwise.LayerwiseSubstitution`): ``theta`` is not written."""
+    eps, q = settings.eps, settings.num_perturbations
+    stats = torch.zeros(3, q, dtype=torch.float64)
+    for j in range(q):
+        losses = []
+        for sign in (1.0, -1.0):
+            with layerwise.substituted(directions.perturbed(j, sign * eps)) as touched:
+                losses.append(float(loss_fn()))
+            layerwise.check_covered(touched)
+        loss_plus, loss_minus = losses
+        stats[:, j] = torch.tensor(
+            [(loss_plus - loss_minus) / (2 * eps), loss_plus, loss_minus], dtype=torch.float64
+        )
+    return stats
+
+
 def _clamped(grads: Tensor, max_abs_grad: float | None) -> tuple[Tensor, int]:
     """``grads`` (``[q]``, finite) clamped to ``[-max_abs_grad, max_abs_grad]`` and how many
     were (none without a bound)."""
@@ -339,21 +415,32 @@ def _sgd_update(
 ) -> None:
     """``theta <- (1 - lr lambda) theta - lr mean_j g_j z_j`` (decay on matrices only), one
     pass over each ``z_j``; the pending ``+ eps z_last`` of the arithmetic restore is fused
-    into the last pass (scaled by the decay, as the decay already applied to it)."""
+    into the last pass (scaled by the decay, as the decay already applied to it).
+
+    16-bit tensors take the whole update in float32 and one stochastic rounding
+    (:mod:`~zopro_lightning.zo.rounding`): rounded to nearest, an update below half of
+    bfloat16's gap (about 0.4 % of the weight) would be lost."""
     decays = {
         name: 1.0 - lr * weight_decay
         if weight_decay and applies_weight_decay(name, param)
         else 1
         for name, param in params.items()
     }
-    for name, param in params.items():
+    q, last = len(grads), len(grads) - 1
+    alphas = [-lr * float(grads[j]) / q for j in range(q)]
+    low = {n: p for n, p in params.items() if p.dtype in LOW_PRECISION}
+    full = {n: p for n, p in params.items() if n not in low}
+    tasks = []
+    for name, param in low.items():
+        coefficients = alphas[:last] + [alphas[last] + decays[name] * pending_restore]
+        tasks += directions.rounded_update_tasks(name, param, coefficients, decays[name])
+    draws.run_tasks(tasks, parallel=_on_cpu(low))
+    for name, param in full.items():
         if decays[name] != 1:
             param.mul_(decays[name])
-    q, last = len(grads), len(grads) - 1
     for j in range(q):
-        alpha = -lr * float(grads[j]) / q
         restore = pending_restore if j == last else 0.0
-        perturb_(params, directions, j, {n: alpha + decays[n] * restore for n in params})
+        perturb_(full, directions, j, {n: alphas[j] + decays[n] * restore for n in full})
 
 
 def _gradient_estimate(directions: _Directions, grads: Tensor) -> GradientFn:
