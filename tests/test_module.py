@@ -187,21 +187,6 @@ def test_set_optimizer_changes_the_phase_settings_and_checks_them(lora_policy, t
     assert (module.optimizer_settings, module.spsa_settings) == before  # nothing changed
 
 
-def test_full_parameter_policy_gets_a_frozen_reference(tokenizer):
-    from zopro_lightning.models.loading import build_tiny_causal_lm
-
-    model = build_tiny_causal_lm(
-        tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
-    )
-    module = ZOPrOModule(model, tokenizer, count_words_reward, rollout=RolloutSettings(beta=0.1))
-    with module.reference_policy() as reference:
-        assert reference is not model
-        assert not any(p.requires_grad for p in reference.parameters())
-    assert ZOPrOModule(
-        model, tokenizer, count_words_reward, rollout=RolloutSettings(beta=0.0)
-    )._frozen_reference == []
-
-
 def test_checkpoint_carries_step_counter_and_sampler(lora_policy, tokenizer, small_task, tmp_path):
     sampler = ZOPrOSampler(decay="linear", total_steps=10)
     sampler.set_directions({n: torch.randn(p.shape) for n, p in lora_policy.named_parameters()})

@@ -40,6 +40,7 @@ from zopro_lightning.policy.optimization import (
     flat_settings,
     given,
 )
+from zopro_lightning.policy.reference import OffloadedReference
 from zopro_lightning.policy.trainer_options import check_trainer_options, quiet_ddp_wrapper
 from zopro_lightning.reward.callables import NonFiniteRewards, RewardFn
 from zopro_lightning.rl.objectives import clipped_surrogate
@@ -117,11 +118,11 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         self.nonfinite_rewards = NonFiniteRewards()  # counted and warned about once an update
         self.last_rollout: Rollout | None = None
         self._pending: list[Rollout] = []
-        # a frozen copy of the reference policy, held outside the module tree so it is neither
-        # trained nor checkpointed; needed only without LoRA and with beta > 0
-        self._frozen_reference: list[nn.Module] = []
+        # without LoRA and with beta > 0: the SFT weights in a memory-mapped file, swapped in
+        # layer by layer for the reference's forward (no second model in memory)
+        self._offloaded_reference: OffloadedReference | None = None
         if self.rollout_settings.beta > 0 and not is_peft_model(policy):
-            self._frozen_reference.append(copy.deepcopy(policy).eval().requires_grad_(False))
+            self._offloaded_reference = OffloadedReference(policy)
 
     # -- settings ---------------------------------------------------------------------------
     def settings_record(self) -> dict[str, Any]:
@@ -221,9 +222,7 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         self._helpers_to_device()  # trainer.validate(...) alone has no on_fit_start
 
     def _helpers_to_device(self) -> None:
-        """The frozen reference and the reward model, outside the module tree, to its device."""
-        for reference in self._frozen_reference:
-            reference.to(self.device)
+        """The reward model, outside the module tree, to the module's device."""
         reward_model = checkpoint.reward_model_of(self.reward_fn)
         if reward_model is not None:
             reward_model.to(self.device)
@@ -360,12 +359,16 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
     # -- seeds and the reference policy -------------------------------------------------------
     @contextmanager
     def reference_policy(self) -> Iterator[nn.Module]:
-        """The SFT policy: the LoRA network with its adapter off, or the frozen copy."""
+        """The SFT policy: the LoRA network with its adapter off, or the network with its
+        initial weights swapped in layer by layer (:class:`OffloadedReference`)."""
         if is_peft_model(self.policy):
             with self.policy.disable_adapter():
                 yield self.policy
         else:
-            yield self._frozen_reference[0]
+            if self._offloaded_reference is None:  # beta was 0 at construction
+                self._offloaded_reference = OffloadedReference(self.policy)
+            with self._offloaded_reference() as reference:
+                yield reference
 
     @contextmanager
     def _seeded(self, seed: int) -> Iterator[None]:

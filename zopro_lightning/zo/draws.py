@@ -87,9 +87,12 @@ def run_tasks(tasks: list[Task], parallel: bool = True) -> None:
     if threads not in _pools:
         _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zopro-draw")
 
+    inference = torch.is_inference_mode_enabled()  # writes to inference tensors need it
+
     def run_share(share: list[Task]) -> None:
         _buffers.in_pool = True  # a task that runs tasks runs them here, on this thread
-        with torch.no_grad():  # grad mode is per thread: a worker starts with it on
+        # grad and inference mode are per thread: a worker starts with grad on
+        with torch.inference_mode(inference), torch.no_grad():
             for task in share:
                 task()
 
