@@ -16,7 +16,7 @@ the kernel. Before launching, the peak is estimated from the mode's previous siz
 parameter) and a size over the cap is not tried. A mode stops at its first size that does not
 fit. The machine never swaps: the cap is below what is free.
 
-    python bench/largest_model.py                        # every mode, 0.2B .. 8B
+    python bench/largest_model.py                        # every mode, 0.5B .. 8B
     python bench/largest_model.py --modes zo_full --sizes 0.2B,0.5B
     python bench/largest_model.py --sizes tiny --out /tmp/x.json   # smoke test
 
@@ -48,10 +48,10 @@ from largest_model_worker import MODES, SIZES, llama_params, worker  # noqa: E40
 # follows the live tensors (and the forward's window is not inflated by freed heap)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 #: bytes per parameter assumed for a mode's first size (before any measurement), generous
-PRIOR_BYTES_PER_PARAM = {"zo_full": 6.0, "adamw_full": 24.0, "zo_lora": 3.0, "adamw_lora": 4.0}
+PRIOR_BYTES_PER_PARAM = {"zo_full": 4.0, "adamw_full": 24.0, "zo_lora": 3.0, "adamw_lora": 4.0}
 #: the process's own memory besides the model (torch, transformers, lightning), for estimates
 PROCESS_MB = 1200.0
-DEFAULT_SIZES = "0.2B,0.5B,1B,2B,4B,7B,8B"
+DEFAULT_SIZES = "0.5B,1B,2B,4B,8B"
 
 
 def meminfo_available_bytes() -> int:
@@ -94,10 +94,15 @@ def run_child(mode: str, size: str, args: argparse.Namespace, cap: int) -> dict[
     """The worker in a subprocess, killed if it holds more than ``cap`` bytes; its row, or a
     row saying why it does not fit."""
     command = [sys.executable, __file__, "--worker", mode, size, *settings_argv(args)]
-    env = {**os.environ, **MALLOC_ENV}
     start = time.perf_counter()
-    # files, not pipes: a pipe nobody reads during the run would block a chatty child
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    # files, not pipes: a pipe nobody reads during the run would block a chatty child; its own
+    # TMPDIR (the reference's memory-mapped file), removed even when the child is killed
+    with (
+        tempfile.TemporaryDirectory(prefix="largest-model-") as scratch,
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+    ):
+        env = {**os.environ, **MALLOC_ENV, "TMPDIR": scratch}
         child = subprocess.Popen(
             command, stdout=out, stderr=err, text=True, env=env, preexec_fn=die_with_parent
         )

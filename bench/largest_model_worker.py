@@ -4,16 +4,15 @@ It builds a random-initialised Llama of one size in one training mode, measures 
 resident memory of a plain no-grad forward of the update's batch, then runs a few real policy
 updates of :class:`~zopro_lightning.policy.module.ZOPrOModule` (rollout with generation, the
 reference, the update) under a Lightning ``Trainer`` and measures their peak. Memory is
-``RssAnon + RssShmem`` of ``/proc/self/status`` sampled every ~10 ms by a thread: pages of
-memory-mapped files (``RssFile``: page cache, reclaimable, e.g. a reference policy streamed
-from disk) are not counted.
+:func:`zopro_lightning.utils.memory.held_mb` (``RssAnon + RssShmem``) sampled every ~10 ms by
+:class:`~zopro_lightning.utils.memory.PeakHeld`: pages of memory-mapped files (``RssFile``:
+page cache, reclaimable, e.g. the reference policy streamed from disk) are not counted.
 
 Prints one JSON line (the last of stdout).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,50 +44,6 @@ MODES = {
 def llama_params(hidden: int, layers: int, inter: int, vocab: int = VOCAB) -> int:
     """Parameters of the untied Llama of this shape (embeddings, LM head, layers, norms)."""
     return 2 * vocab * hidden + layers * (4 * hidden**2 + 3 * hidden * inter + 2 * hidden) + hidden
-
-
-def resident_mb() -> float:
-    """``RssAnon + RssShmem`` of this process (MiB): what it holds, page cache excluded."""
-    total_kb = 0
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(("RssAnon:", "RssShmem:")):
-                total_kb += int(line.split()[1])
-    return total_kb / 1024
-
-
-class PeakSampler:
-    """A thread that samples :func:`resident_mb` every ``interval`` seconds; ``window()``
-    starts a new peak, ``peak()`` returns the peak since (a read on each call too)."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self._peak = resident_mb()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._record(resident_mb())
-
-    def _record(self, value: float) -> None:
-        with self._lock:
-            self._peak = max(self._peak, value)
-
-    def window(self) -> None:
-        with self._lock:
-            self._peak = resident_mb()
-
-    def peak(self) -> float:
-        self._record(resident_mb())
-        with self._lock:
-            return self._peak
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def word_tokenizer(vocab: int) -> Any:
@@ -247,22 +202,21 @@ def worker(mode: str, size: str, settings: dict) -> dict[str, Any]:
 
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
-    sampler = PeakSampler()
-    prebuild_mb = resident_mb()
-    start = time.perf_counter()
-    built = build(mode, size)
-    build_seconds = time.perf_counter() - start
-    build_peak_mb = sampler.peak()
+    from zopro_lightning.utils.memory import PeakHeld, held_mb
+
+    prebuild_mb = held_mb()
+    with PeakHeld(interval=0.01) as build_peak:
+        start = time.perf_counter()
+        built = build(mode, size)
+        build_seconds = time.perf_counter() - start
     batch = prompts(built.tokenizer, settings["prompts"], settings["prompt_tokens"])
-    sampler.window()
-    start = time.perf_counter()
-    inference_forward(built, batch, settings["k"], settings["new_tokens"])
-    forward_seconds = time.perf_counter() - start
-    forward_peak_mb = sampler.peak()
-    sampler.window()
-    update_seconds = policy_updates(built, mode, batch, settings)
-    update_peak_mb = sampler.peak()
-    sampler.stop()
+    with PeakHeld(interval=0.01) as forward_peak:
+        start = time.perf_counter()
+        inference_forward(built, batch, settings["k"], settings["new_tokens"])
+        forward_seconds = time.perf_counter() - start
+    with PeakHeld(interval=0.01) as update_peak:
+        update_seconds = policy_updates(built, mode, batch, settings)
+    build_peak_mb, forward_peak_mb, update_peak_mb = build_peak.mb, forward_peak.mb, update_peak.mb
     return result_row(mode, size, built, settings) | {
         "prebuild_mb": prebuild_mb,
         "build_peak_mb": build_peak_mb,
