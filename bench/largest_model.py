@@ -35,13 +35,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 # the worktree's package, not an installed copy (a script's sys.path starts at bench/)
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
-from common import environment, write_results  # noqa: E402
+from common import RESULTS, environment, write_results  # noqa: E402
 from largest_model_worker import MODES, SIZES, llama_params, worker  # noqa: E402
 
 # glibc: tensors of 128 KiB and more are mmap'ed and unmapped when freed, so the resident set
@@ -163,8 +164,9 @@ def settings_argv(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def sweep(args: argparse.Namespace) -> list[dict]:
-    """Every mode, sizes smallest first, until one does not fit (or is estimated not to)."""
+def sweep(args: argparse.Namespace, save: Callable[[list[dict]], Any]) -> list[dict]:
+    """Every mode, sizes smallest first, until one does not fit (or is estimated not to);
+    ``save(rows)`` after each size, so an interrupted sweep keeps what it measured."""
     rows: list[dict] = []
     for mode in args.modes.split(","):
         for size in args.sizes.split(","):
@@ -172,10 +174,10 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             estimate = estimate_bytes(mode, size, rows)
             if estimate > cap:
                 rows.append(skipped(mode, size, estimate, cap))
-                print_row(rows[-1])
-                break
-            rows.append(run_child(mode, size, args, cap) | {"estimate_mb": estimate / 2**20})
+            else:
+                rows.append(run_child(mode, size, args, cap) | {"estimate_mb": estimate / 2**20})
             print_row(rows[-1])
+            save(rows)
             if not rows[-1]["fit"]:
                 break
     return rows
@@ -206,6 +208,15 @@ def print_row(row: dict) -> None:
     )
 
 
+def previous_rows(path: Path, modes: list[str]) -> tuple[list[dict], list[str]]:
+    """The rows of other modes already in ``path`` and the commands that measured them
+    (``--append``)."""
+    if not path.exists():
+        return [], []
+    result = json.loads(path.read_text())
+    return [r for r in result["rows"] if r["mode"] not in modes], result.get("commands", [])
+
+
 def largest(rows: list[dict]) -> dict[str, Any]:
     """Per mode, the largest size that fit and the ZO-over-AdamW ratio of full-parameter."""
     best = {}
@@ -232,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cap-gb", type=float, default=21.0, help="memory a child may hold")
     parser.add_argument("--child-timeout", type=float, default=1500.0, help="seconds per child")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--append", action="store_true", help="keep the other modes' rows already in --out"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = {
@@ -245,23 +259,30 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}")
-    rows = sweep(args)
     given = argv if argv is not None else sys.argv[1:]
     command = "python bench/largest_model.py " + " ".join(given)
-    payload = {
-        "benchmark": "largest_model",
-        **environment(),
-        "command": command.strip(),
-        "memory": "peak of RssAnon + RssShmem (/proc/self/status) sampled every 10 ms; RssFile "
-        "(pages of memory-mapped files on disk: page cache) not counted",
-        "settings": settings,
-        "cap_gb": args.cap_gb,
-        "largest": largest(rows),
-        "rows": rows,
-    }
-    path = write_results("largest_model", payload, args.out)
-    print(json.dumps(payload["largest"]))
-    print(f"wrote {path}")
+
+    out = Path(args.out) if args.out else RESULTS / "largest_model.json"
+    kept, earlier = previous_rows(out, args.modes.split(",")) if args.append else ([], [])
+
+    def save(rows: list[dict]) -> Path:
+        rows = kept + rows
+        payload = {
+            "benchmark": "largest_model",
+            **environment(),
+            "commands": earlier + [command.strip()],
+            "memory": "peak of RssAnon + RssShmem (/proc/self/status) sampled every 10 ms; "
+            "RssFile (pages of memory-mapped files on disk: page cache) not counted",
+            "settings": settings,
+            "cap_gb": args.cap_gb,
+            "largest": largest(rows),
+            "rows": rows,
+        }
+        return write_results("largest_model", payload, out)
+
+    rows = sweep(args, save)
+    print(json.dumps(largest(rows)))
+    print(f"wrote {save(rows)}")
 
 
 if __name__ == "__main__":
