@@ -217,6 +217,22 @@ def previous_rows(path: Path, modes: list[str]) -> tuple[list[dict], list[str]]:
     return [r for r in result["rows"] if r["mode"] not in modes], result.get("commands", [])
 
 
+def merge(paths: list[str], out: str | None) -> Path:
+    """One ``largest_model.json`` of sweeps run apart (e.g. two at once, each with its own
+    ``--out``): their rows, mode by mode and size by size (a later file's row of the same mode
+    and size replaces an earlier one's), and their commands."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = list({(r["mode"], r["size"]): r for part in parts for r in part["rows"]}.values())
+    order = {m: i for i, m in enumerate(MODES)}
+    rows.sort(key=lambda r: (order.get(r["mode"], 99), r["params_total"]))
+    payload = {key: value for key, value in parts[0].items() if key not in ("rows", "largest")}
+    payload["commands"] = [c for part in parts for c in part.get("commands", [])]
+    payload["merged_from"] = [str(p) for p in paths]
+    payload["largest"] = largest(rows)
+    payload["rows"] = rows
+    return write_results("largest_model", payload, out)
+
+
 def largest(rows: list[dict]) -> dict[str, Any]:
     """Per mode, the largest size that fit and the ZO-over-AdamW ratio of full-parameter."""
     best = {}
@@ -246,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--append", action="store_true", help="keep the other modes' rows already in --out"
     )
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="only merge the rows of sweeps run apart"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = {
@@ -255,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     if args.worker:
         print(json.dumps(worker(*args.worker, settings)))
+        return
+    if args.merge:
+        print(f"wrote {merge(args.merge, args.out)}")
         return
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:

@@ -21,6 +21,7 @@ from typing import Any
 #: VOCAB, untied embeddings. "tiny" is for the smoke test.
 SIZES = {
     "tiny": (64, 2, 172),
+    "0.1B": (768, 8, 2048),
     "0.2B": (1024, 12, 2816),
     "0.5B": (1536, 16, 4096),
     "1B": (2048, 16, 5632),

@@ -27,10 +27,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-#: bytes per parameter of one update at the peak, the slope of a linear fit of the peak
-#: against parameters per mode: ``python bench/largest_model.py`` then
-#: ``python bench/gpu_extrapolation.py`` (bench/results/largest_model.json, "fit"), bf16 weights;
-#: key: (LoRA, first-order)
+#: bytes per parameter of one update at the peak: the slope of a line fitted to the measured
+#: peaks against parameters, per mode (``python bench/largest_model.py`` ->
+#: bench/results/largest_model.json; ``python bench/gpu_extrapolation.py`` ->
+#: bench/results/gpu_extrapolation.json, "fit"); bf16 weights; key: (LoRA, first-order)
 BYTES_PER_PARAM: dict[tuple[bool, bool], float] = {
     (False, False): 6.0,  # full-parameter ZO-SGD, bf16, beta > 0 reference
     (False, True): 20.0,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
