@@ -116,11 +116,14 @@ def run_child(mode: str, size: str, args: argparse.Namespace, cap: int) -> dict[
     why = watched or f"exit status {child.returncode}"
     if child.returncode == -signal.SIGKILL and watched is None:
         why = "killed (SIGKILL: the kernel's OOM killer)"
+    timed_out = why.startswith("over the time limit")
     return {
         "mode": mode,
         "size": size,
         "params_total": llama_params(*SIZES[size]),
         "fit": False,
+        # a run stopped by the time limit says nothing about memory: not "does not fit"
+        "outcome": "time_limit" if timed_out else "does_not_fit",
         "why": why,
         "seconds": seconds,
         "stderr_tail": stderr[-2000:],
@@ -197,7 +200,8 @@ def skipped(mode: str, size: str, estimate: float, cap: int) -> dict[str, Any]:
 
 def print_row(row: dict) -> None:
     if not row["fit"]:
-        print(f"{row['mode']:>10} {row['size']:>5}: does not fit ({row['why']})", flush=True)
+        verdict = "not finished" if row.get("outcome") == "time_limit" else "does not fit"
+        print(f"{row['mode']:>10} {row['size']:>5}: {verdict} ({row['why']})", flush=True)
         return
     print(
         f"{row['mode']:>10} {row['size']:>5} {row['params_total'] / 1e9:6.2f} B params: "

@@ -218,7 +218,7 @@ def largest_model_section() -> list[str]:
         if not r["fit"]:
             lines.append(
                 f"| {name} | {r['size']} | {r['params_total'] / 1e9:.2f} B | – | – | – | – | "
-                f"no: {r['why']} | {r['seconds']:.0f} |"
+                f"{verdict(r)}: {r['why']} | {r['seconds']:.0f} |"
             )
             continue
         lines.append(
@@ -228,6 +228,13 @@ def largest_model_section() -> list[str]:
             f"{r['seconds']:.0f} |"
         )
     return lines + [""] + extrapolation_lines()
+
+
+def verdict(row: dict) -> str:
+    """``no`` for a size that does not fit; a run the time limit stopped is not a verdict."""
+    if row.get("outcome") == "time_limit" or row["why"].startswith("over the time limit"):
+        return "not finished (says nothing of memory)"
+    return "no"
 
 
 def extrapolation_lines() -> list[str]:
