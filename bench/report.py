@@ -231,9 +231,12 @@ def largest_model_section() -> list[str]:
 
 
 def verdict(row: dict) -> str:
-    """``no`` for a size that does not fit; a run the time limit stopped is not a verdict."""
+    """``no`` for a size that does not fit; a run the time limit stopped, or a size skipped on
+    its estimate, is not a verdict."""
     if row.get("outcome") == "time_limit" or row["why"].startswith("over the time limit"):
         return "not finished (says nothing of memory)"
+    if row["why"].startswith("not tried"):
+        return "not run"
     return "no"
 
 

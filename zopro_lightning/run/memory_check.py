@@ -2,7 +2,8 @@
 
 The estimate is linear in the parameters, from what ``bench/largest_model.py`` measured on real
 ``ZOPrOModule`` updates (``bench/results/largest_model.json``: peak ``RssAnon + RssShmem`` of the
-process, random Llamas of 0.2 B parameters and up, bf16 weights, beta > 0):
+process, random Llamas of 0.1-1 B parameters, vocabulary 32,004, bf16 weights, beta > 0; the
+fits' worst residual 2 %):
 
     peak ~ b(mode) * P / shards + logits + activations (first-order without checkpointing)
            + the process's own memory
@@ -32,13 +33,13 @@ from typing import Any
 #: bench/results/largest_model.json; ``python bench/gpu_extrapolation.py`` ->
 #: bench/results/gpu_extrapolation.json, "fit"); bf16 weights; key: (LoRA, first-order)
 BYTES_PER_PARAM: dict[tuple[bool, bool], float] = {
-    (False, False): 6.0,  # full-parameter ZO-SGD, bf16, beta > 0 reference
-    (False, True): 20.0,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
-    (True, False): 2.2,  # LoRA r=8 ZO on a bf16 base
-    (True, True): 2.4,  # LoRA r=8 AdamW on a bf16 base, checkpointing
+    (False, False): 2.50,  # full-parameter ZO-SGD, bf16, beta > 0 reference
+    (False, True): 16.47,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
+    (True, False): 2.45,  # LoRA r=8 ZO on a bf16 base
+    (True, True): 2.47,  # LoRA r=8 AdamW on a bf16 base, checkpointing
 }
-#: the process's own memory beside the model (torch, transformers, Lightning), the fit's
-#: intercept rounded up
+#: the process's own memory beside the model (torch, transformers, Lightning): the fits'
+#: intercepts (0.56-0.61 GB) rounded up
 PROCESS_BYTES = 1.0e9
 #: bytes per (token x hidden x layer) a first-order step keeps for its backward without
 #: activation checkpointing, float32 (bench/results/step_cost_cpu.json, memory_model
