@@ -22,19 +22,24 @@ def tokenizer(small_task):
     return build_word_tokenizer(small_task.corpus())
 
 
-@pytest.fixture
-def lora_policy(tokenizer):
+def tiny_lora_policy(tokenizer):
+    """A one-layer Llama with a LoRA adapter whose B starts non-zero (LoRA B starts at zero;
+    a non-trivial start makes updates visible); the same weights at every call."""
     torch.manual_seed(0)
     model = build_tiny_causal_lm(
         tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
     )
     policy = add_lora(model, r=4, alpha=8)
-    # LoRA B starts at zero; give the adapter a non-trivial start so updates are visible
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
     return policy
+
+
+@pytest.fixture
+def lora_policy(tokenizer):
+    return tiny_lora_policy(tokenizer)
 
 
 def tiny_reward_model(tokenizer, seed: int = 0, max_length: int = 64):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SMALL = [
     "dataset.task.n_train_prompts=16",
@@ -108,3 +109,19 @@ def test_wandb_logger_offline_writes_the_run(tmp_path, monkeypatch):
     # the interplay plots were made and logged (W&B keeps logged images under files/media)
     assert list((tmp_path / "run" / "plots").glob("trajectory_pca_2d.png"))
     assert list(runs[0].rglob("media/images/interplay*.png"))
+
+
+@pytest.mark.slow
+def test_zopro_train_trains_every_weight_in_bf16(tmp_path):
+    """``model.lora=null model.dtype=bf16``: full-parameter SFT, then zeroth-order iterations on
+    bf16 weights (layer-by-layer evaluations, stochastic rounding, the offloaded reference)."""
+    from safetensors.torch import load_file
+
+    result = zopro_train(tmp_path / "run", "model.lora=null", "model.dtype=bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kl_final"] != 0  # the reference pass ran against the SFT weights
+    sft, policy = (load_file(next((run / d).glob("*.safetensors"))) for d in ("sft", "policy"))
+    assert all(t.dtype == torch.bfloat16 for t in policy.values() if t.is_floating_point())
+    assert sum(not torch.equal(sft[n], policy[n]) for n in sft) > len(sft) // 2  # all trained

@@ -122,7 +122,9 @@ def test_console_lines_drop_bars_and_keep_log_lines_written_after_them():
 def test_a_run_prints_each_line_once_and_no_harmless_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # progress bars on one line each
     iterations = OmegaConf.load(f"{CONFIG_DIR}/config.yaml").loop.iterations  # the default T
-    result = zopro_train(tmp_path / "run", f"loop.iterations={iterations}")
+    # checkpoints inside every policy phase, as loop.checkpoint_every makes in a default run
+    inside = "loop.checkpoint_every=1"
+    result = zopro_train(tmp_path / "run", f"loop.iterations={iterations}", inside)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     lines = console_lines(output)
@@ -134,6 +136,9 @@ def test_a_run_prints_each_line_once_and_no_harmless_warning(tmp_path, monkeypat
                 f"[iteration 1/{iterations}] refinement", "evaluation", "fresh completions",
                 "judging"):  # fmt: skip
         assert f"{bar}" in output, bar
+    # and only those: no frame of Lightning's own "Training" or "Epoch 0" bar before them
+    for lightning_bar in ("Training: ", "Epoch 0"):
+        assert lightning_bar not in output, lightning_bar
     for harmless in (
         "litlogger",
         "in eval mode",
@@ -142,6 +147,8 @@ def test_a_run_prints_each_line_once_and_no_harmless_warning(tmp_path, monkeypat
         "is_gradient_checkpointing",
         "LeafSpec",
         "validation_step",
+        "pre-optimization state",  # ModelCheckpoint under manual optimisation, with its sample
+        "saved_models",
     ):
         assert harmless not in output, harmless
     # still informative: where it ran, what it did, what it wrote

@@ -283,3 +283,32 @@ def test_the_progress_bar_says_where_the_run_is():
     assert progress.describe(4) == "[iteration 2/4] policy learning"
     progress.enter("refinement", 3)
     assert progress.describe() == "[iteration 4] refinement"
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_the_phase_bar_is_the_only_bar_drawn(capsys, epochs):
+    """Every frame of a fit's bar says where the run is: no ``Training`` frame when the bar is
+    built, no ``Epoch N`` frame at an epoch start."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from zopro_lightning.callbacks.run_progress import PhaseProgressBar
+
+    progress = RunProgress()
+    progress.enter("refinement", 1)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[PhaseProgressBar(progress, iterations=4)],
+    )
+    trainer.fit(BoringModel())
+    frames = [f for f in capsys.readouterr().out.split("\r") if "it/s" in f or "s/it" in f]
+    assert frames and all(f.lstrip().startswith("[iteration 2/4] refinement") for f in frames), [
+        f for f in frames if not f.lstrip().startswith("[iteration")
+    ]
+    if epochs > 1:
+        assert any("epoch 2/2" in f for f in frames)

@@ -125,9 +125,14 @@ def test_the_callback_state_round_trips_through_a_checkpoint_dict():
     zopro.iteration = 1
     zopro._theta_start = {"w": torch.ones(2)}
     zopro.recorder.records = [("p", "c")]
+    zopro._applied = (1, 1)  # the optimizer of iteration 1, over 1 update
     restored = ZOPrOIterations(object(), lambda *a: {}, IterationSchedule(iterations=2, updates=1))
     restored.load_state_dict(zopro.state_dict())
     assert restored.iteration == 1 and restored.recorder.records == [("p", "c")]
+    assert restored._applied == (1, 1)
+    # a checkpoint written before the optimizer's iteration was saved: the saved iteration's,
+    # or the last one's once every iteration has ended
+    assert restored._applied_of({"iteration": 2}) == (1, 1)
     assert torch.equal(restored._theta_start["w"], torch.ones(2))
     with pytest.raises(ValueError, match="direction must be"):
         ZOPrOIterations(object(), lambda *a: {}, IterationSchedule(), direction="grad")

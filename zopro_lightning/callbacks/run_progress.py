@@ -19,6 +19,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 #: the phases of a run, in the order they come; ``phase`` is logged as an index into this
 PHASES = ("sft", "reward_model", "policy_learning", "refinement")
@@ -98,17 +99,31 @@ class RunProgress(Callback):
 class PhaseProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, described by where the run is instead of by the epoch (a policy
     phase runs to ``max_steps`` with ``max_epochs=-1``): ``[iteration 2/4] policy learning``,
-    with ``epoch 3/6`` after it for a phase of several epochs."""
+    with ``epoch 3/6`` after it for a phase of several epochs.
+
+    The bar is drawn with that description from its first frame: Lightning's own bar first
+    draws ``Training`` (when it is built) and ``Epoch N`` (at each epoch start), which flashed
+    before every phase's bar."""
 
     def __init__(self, progress: RunProgress, iterations: int | None = None) -> None:
         super().__init__()
         self.progress = progress
         self.iterations = iterations
 
-    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
+    @property
+    def train_description(self) -> str:
         description = self.progress.describe(self.iterations)
-        if trainer.max_epochs is not None and trainer.max_epochs > 1:
+        trainer = self._trainer
+        if trainer is not None and trainer.max_epochs is not None and trainer.max_epochs > 1:
             description += f" epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
-        if self.train_progress_bar is not None:
-            self.train_progress_bar.set_description(description)
+        return description
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        """Lightning's epoch start (a fresh or reset bar over the epoch's batches) with the
+        phase's description set before the bar is redrawn, never ``Epoch N``."""
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description(self.train_description, refresh=False)
+        bar.reset(total=convert_inf(self.total_train_batches))
+        bar.initial = 0

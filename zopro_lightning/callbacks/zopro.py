@@ -188,6 +188,7 @@ class ZOPrOIterations(Callback):
         self.iteration = 0
         self.recorder = RolloutRecorder()
         self._theta_start: dict[str, Tensor] | None = None
+        self._applied: tuple[int, int] | None = None  # (iteration, horizon) of the optimizer
         self.last: IterationResult | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -198,6 +199,37 @@ class ZOPrOIterations(Callback):
         self.recorder.setup(trainer, pl_module, stage)
         if stage == "fit":
             self.apply_schedule(pl_module)  # before Lightning builds the optimizer
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The optimizer of the iteration the checkpoint was written in, before Lightning loads
+        the checkpoint's optimizer state into it.
+
+        ``fit(ckpt_path=...)`` runs ``setup`` (iteration 0's optimizer settings, as a fresh fit
+        does), restores the module and the callbacks, and only then builds the optimizer
+        (``strategy.setup``) and loads ``optimizer_states`` into it (``restore_training_state``,
+        Lightning 2.x). So the checkpoint's iteration decides here which optimizer is built,
+        and over which horizon (the one its LR schedule and sampler decay were sized for): a
+        zeroth-order checkpoint gets the zeroth-order optimizer, not iteration 0's AdamW.
+        Strategies that restore after building the optimizer (FSDP, DeepSpeed) get it rebuilt.
+        """
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:  # a checkpoint of a fit without this callback: the fresh schedule
+            return
+        t, horizon = self._applied_of(state)
+        self._apply(pl_module, t, horizon)
+        if trainer.strategy.restore_checkpoint_after_setup and trainer.optimizers:
+            trainer.strategy.setup_optimizers(trainer)
+
+    def _applied_of(self, state: dict[str, Any]) -> tuple[int, int]:
+        """``(t, horizon)`` of the optimizer live when ``state`` was saved; a checkpoint
+        written before they were saved: the saved iteration's (the last one's once all
+        ended), over its whole length."""
+        if "optimizer_iteration" in state:
+            return int(state["optimizer_iteration"]), int(state["optimizer_horizon"])
+        t = min(int(state["iteration"]), self.schedule.iterations - 1)
+        return t, self.schedule.updates_of(t)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         module = self._learner(pl_module)
@@ -219,13 +251,21 @@ class ZOPrOIterations(Callback):
     # -- the iteration boundary ---------------------------------------------------------------
     def apply_schedule(self, module: LightningModule) -> None:
         """The current iteration's optimizer and horizon on ``module`` (takes effect when
-        Lightning next builds the optimizer)."""
-        learner = self._learner(module)
-        optimizer, settings = self.schedule.optimizer_settings(self.iteration)
-        learner.set_optimizer(optimizer, **settings)
-        learner.iteration, learner.phase = self.iteration, "policy_learning"
+        Lightning next builds the optimizer); the horizon is the updates left in the
+        iteration, ``end_of(t) - policy_updates``."""
         end = self.schedule.end_of(self.iteration)
-        learner.phase_horizon = end - learner.policy_updates  # updates left in this iteration
+        horizon = end - self._learner(module).policy_updates
+        self._apply(module, self.iteration, horizon)
+
+    def _apply(self, module: LightningModule, t: int, horizon: int) -> None:
+        """Iteration ``t``'s optimizer settings, with the LR schedule and the sampler's decay
+        over ``horizon`` updates, on ``module``; remembered for the checkpoint."""
+        learner = self._learner(module)
+        optimizer, settings = self.schedule.optimizer_settings(t)
+        learner.set_optimizer(optimizer, **settings)
+        learner.iteration, learner.phase = t, "policy_learning"
+        learner.phase_horizon = horizon
+        self._applied = (t, horizon)
 
     def end_iteration(self, trainer: Trainer, module: LightningModule) -> IterationResult:
         """``mu``, refinement, ``v``, the sampler's new directions; the next iteration."""
@@ -251,15 +291,23 @@ class ZOPrOIterations(Callback):
 
     # -- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The iteration, ``theta`` at its start and the records not yet judged (every rank's,
-        gathered: :class:`RolloutRecorder`); tensors and strings only."""
+        """The iteration, ``theta`` at its start, the iteration and horizon the live optimizer
+        was built for, and the records not yet judged (every rank's, gathered:
+        :class:`RolloutRecorder`); tensors, numbers and strings only."""
+        applied = {}
+        if self._applied is not None:
+            t, horizon = self._applied
+            applied = {"optimizer_iteration": t, "optimizer_horizon": horizon}
         return {
             "iteration": self.iteration,
             "theta_start": self._theta_start,
+            **applied,
             **self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.iteration = int(state_dict["iteration"])
         self._theta_start = state_dict.get("theta_start")
+        if "optimizer_iteration" in state_dict:
+            self._applied = self._applied_of(state_dict)
         self.recorder.load_state_dict(state_dict)

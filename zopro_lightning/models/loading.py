@@ -316,7 +316,9 @@ class ModelSpec:
 
     def causal_lm(self, tokenizer) -> nn.Module:
         if self.name_or_path is None:
-            return build_tiny_causal_lm(tokenizer, seed=self.seed, **self.tiny)
+            model = build_tiny_causal_lm(tokenizer, seed=self.seed, **self.tiny)
+            dtype = resolve_dtype(self.dtype)
+            return model.to(dtype) if isinstance(dtype, torch.dtype) else model
         return load_causal_lm(self.name_or_path, self.dtype, self.trust_remote_code)
 
     def with_lora(self, model: nn.Module, task_type: str = "CAUSAL_LM") -> nn.Module:

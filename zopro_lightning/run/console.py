@@ -38,6 +38,15 @@ HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     ),
     (
         UserWarning,
+        r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+        r"pre-optimization state was saved",
+        "lightning/pytorch/callbacks/model_checkpoint.py (2.6) warns, with a code sample, at "
+        "every save of a manual-optimisation module that lacks the `saved_models` and `layer` "
+        "attributes of Lightning's own test module; ZOPrOModule's checkpoints are meant to hold "
+        "the state after the update (with the rollouts still accumulating), so nothing is lost",
+    ),
+    (
+        UserWarning,
         r"Metric `SpearmanCorrcoef` will save all targets and predictions",
         "torchmetrics/regression/spearman.py: the held-out sets are small",
     ),

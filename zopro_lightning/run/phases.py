@@ -67,9 +67,10 @@ def sft_examples_that_fit(
 def supervised_fine_tuning(
     cfg: DictConfig, spec: ModelSpec, tokenizer: Any, task: Any, ctx: RunContext
 ) -> torch.nn.Module:
-    """SFT (``cfg``: the ``sft`` block) with LoRA, merged into the base and saved whole to
-    ``RUN_DIR/sft``. Resuming, the merged model there is loaded instead (and the run's logged
-    step goes on from ``state/sft.pt``)."""
+    """SFT (``cfg``: the ``sft`` block) with LoRA merged into the base (or, with
+    ``model.lora=null``, of every weight) and saved whole to ``RUN_DIR/sft``. Resuming, the
+    merged model there is loaded instead (and the run's logged step goes on from
+    ``state/sft.pt``)."""
     target = ctx.run_dir / "sft"
     if ctx.resuming and (target / "config.json").exists():
         from zopro_lightning.models.loading import load_causal_lm
@@ -86,7 +87,7 @@ def supervised_fine_tuning(
     collator = SFTCollator(tokenizer, max_length=max_length)
     loader = ctx.loader(examples, cfg.batch_size, collator)
     ctx.trainer(max_epochs=cfg.epochs).fit(SFTModule(model, lr=cfg.lr), loader)
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     if ctx.is_global_zero:  # complete in a temporary directory, then one rename
 
         def save(directory: Any) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from zopro_lightning.utils.sharding import is_sharded
 from zopro_lightning.zo.layerwise import LayerwiseSubstitution
 from zopro_lightning.zo.samplers import PerturbationSampler
 from zopro_lightning.zo.spsa import (
@@ -214,6 +215,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 "(e.g. wrap the policy with a LoRA adapter)."
             )
         self.names = [name for name, _ in named]
+        rule = (settings or SPSASettings()).rule
+        if rule != "sgd" and any(is_sharded(p) for _, p in named):
+            raise ValueError(
+                f"spsa.rule={rule!r} on sharded (FSDP) parameters is not supported: its moments "
+                "would need sharding too. Fix: spsa.rule=sgd (MeZO's update, no state) under "
+                "trainer=fsdp, or trainer=ddp for momentum and Adam."
+            )
         super().__init__([param for _, param in named], {"lr": lr, "weight_decay": weight_decay})
         self.sampler = sampler
         self.settings = settings if settings is not None else SPSASettings()
@@ -246,6 +254,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     ) -> SPSAResult:
         if closure is not None:
             closure()
+        elif loss_fn is None and seed is None and self._state_initialisation():
+            return SPSAResult.concatenate([])  # nothing to initialise: no step
         if loss_fn is None or seed is None:
             raise ValueError(
                 "ZerothOrderOptimizer.step needs loss_fn= (the loss at the current parameters, "
@@ -264,6 +274,19 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             results.append(result)
         self.sampler.step()
         return SPSAResult.concatenate(results)
+
+    def _state_initialisation(self) -> bool:
+        """Whether this bare ``step()`` is ``torch.distributed.checkpoint`` initialising the
+        optimizer's state before saving or loading it (FSDP2 checkpoints): it gives every
+        parameter a zero ``.grad`` and steps once. A zeroth-order optimizer has nothing to
+        initialise (SGD keeps no state; the rules create theirs at their first step)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return bool(params) and all(
+            p.grad is not None and not p.grad.to_local().any()
+            if hasattr(p.grad, "to_local")
+            else p.grad is not None and not p.grad.any()
+            for p in params
+        )
 
     def _apply_rule(self, params: Mapping[str, Tensor], gradient: GradientFn) -> bool:
         """Momentum or Adam on the estimate ``g_hat`` of each tensor (module docstring).

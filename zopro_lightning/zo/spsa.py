@@ -36,14 +36,22 @@ with ``exact_restore=False`` (as after any step of that mode).
 
 Restoration after the two evaluations:
 
-- ``exact_restore=True``: a copy of the trainable tensors is kept during the step and copied
-  back, so ``theta`` returns bit for bit. The copy costs the size of the *trainable* set,
-  negligible with LoRA.
-- ``exact_restore=False``: MeZO's arithmetic ``+eps z, -2 eps z, +eps z`` with no copy: for
-  full-parameter training of large models, where a copy would double the weights' memory.
+- ``layerwise`` given (``ZOPrOModule``'s default for full-parameter training): the
+  evaluations never write ``theta``; each module sees ``theta_n +- eps z_n`` only during its own
+  forward (:mod:`zopro_lightning.zo.layerwise`). Bit-exact in every dtype, and no copy: one
+  module's tensors exist twice at a time.
+- ``exact_restore=True`` without ``layerwise``: a copy of the trainable tensors is kept during
+  the step and copied back, so ``theta`` returns bit for bit. The copy costs the size of the
+  *trainable* set, negligible with LoRA.
+- ``exact_restore=False``: MeZO's arithmetic ``+eps z, -2 eps z, +eps z`` with no copy.
   ``theta`` then returns to within float rounding (a few ulp), not bit for bit. The last
   ``+eps z`` is fused into the update (``theta += (eps - lr g / q) z``, after the weight
   decay), so a step draws each ``z`` three times, not four.
+
+16-bit tensors take the SGD update in float32 and one stochastic rounding
+(:mod:`zopro_lightning.zo.rounding`), so updates below half of bfloat16's gap are not lost.
+Sharded (FSDP2) tensors: each rank adds its rows of ``z`` drawn for the whole tensor
+(:mod:`zopro_lightning.utils.sharding`).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from zopro_lightning.utils.sharding import is_sharded, local_rows
 from zopro_lightning.zo import draws
 from zopro_lightning.zo.draws import derive_seed
 from zopro_lightning.zo.layerwise import LayerwiseSubstitution
@@ -112,7 +121,11 @@ class SPSAResult:
 
     @classmethod
     def concatenate(cls, results: list[SPSAResult]) -> SPSAResult:
-        """Several steps' results as one (``[n q]`` values; skipped if any was)."""
+        """Several steps' results as one (``[n q]`` values; skipped if any was; none: an empty
+        result that skipped nothing)."""
+        if not results:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return cls(empty, empty, empty, skipped=False)
         if len(results) == 1:
             return results[0]
         return cls(
@@ -162,9 +175,21 @@ class _Directions:
         """Tasks doing ``param += alpha * z_j``: chunked draws when the sampler has i.i.d.
         coordinates (a ``fill``) and nothing is cached, else one task with ``z`` whole."""
         fill = getattr(self.sampler, "fill", None)
+        if is_sharded(param):  # z of the whole tensor, this rank's rows of it
+            local, rows = local_rows(param)
+            return [lambda: local.add_(self.whole(j, name, param)[rows], alpha=alpha)]
         if fill is None or self.cache:
             return [lambda: param.add_(self(j, name, param), alpha=alpha)]
         return draws.add_draw_tasks(param, self.generator(j, name, param), fill, alpha)
+
+    def whole(self, j: int, name: str, param: Tensor, float32: bool = False) -> Tensor:
+        """``z_j`` of the whole tensor ``name`` (also of a sharded one), in ``param``'s dtype
+        (``float32``: as drawn), the numbers :meth:`add_tasks` adds."""
+        fill = getattr(self.sampler, "fill", None)
+        if fill is None or self.cache:
+            return self(j, name, param).float() if float32 else self(j, name, param)
+        z = draws.draw(param, self.generator(j, name, param), fill)
+        return z if float32 else z.to(param.dtype)
 
     def perturbed(self, j: int, scale: float) -> Callable[[str, Tensor], Tensor]:
         """``make(name, param) = param + scale * z_j``, a new tensor (``param`` unchanged), with
@@ -191,6 +216,17 @@ class _Directions:
         bits seeded from ``(step seed, "round", name)``."""
         rounding = tensor_generator(derive_seed(self.seed, "round"), name, param.device)
         fill = getattr(self.sampler, "fill", None)
+        if is_sharded(param):  # each rank rounds its rows with bits of its own (documented)
+            local, rows = local_rows(param)
+            rounding.manual_seed(derive_seed(rounding.initial_seed(), rows.start or 0))
+
+            def sharded() -> None:
+                total = local.to(torch.float32, copy=True).mul_(decay)
+                for j, alpha in enumerate(alphas):
+                    total.add_(self.whole(j, name, param, float32=True)[rows], alpha=alpha)
+                local.copy_(round_stochastically(total, local.dtype, rounding))
+
+            return [sharded]
         if fill is not None and not self.cache:
             generators = [self.generator(j, name, param) for j in range(len(alphas))]
             return draws.rounded_update_tasks(
@@ -209,7 +245,8 @@ class _Directions:
 def all_finite(tensor: Tensor) -> bool:
     """Whether every value of ``tensor`` is finite: a finite sum proves it (NaN and inf
     propagate) without a ``[numel]`` mask; only a non-finite sum (or an overflowing one) is
-    checked value by value."""
+    checked value by value. Of a sharded tensor, this rank's rows (no collective)."""
+    tensor = local_rows(tensor)[0]
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
@@ -437,7 +474,7 @@ def _sgd_update(
     draws.run_tasks(tasks, parallel=_on_cpu(low))
     for name, param in full.items():
         if decays[name] != 1:
-            param.mul_(decays[name])
+            local_rows(param)[0].mul_(decays[name])
     for j in range(q):
         restore = pending_restore if j == last else 0.0
         perturb_(full, directions, j, {n: alphas[j] + decays[n] * restore for n in full})
