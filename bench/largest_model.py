@@ -82,12 +82,14 @@ def cap_bytes(cap_gb: float) -> int:
     return int(min(cap_gb * 1e9, meminfo_available_bytes() - 1e9))
 
 
-def estimate_bytes(mode: str, size: str, done: list[dict]) -> float:
+def estimate_bytes(mode: str, size: str, done: list[dict], prior: float | None = None) -> float:
     """The peak expected of ``mode`` at ``size``: the mode's last measured bytes per parameter
-    (above the process) times its parameters, plus the process; a prior before any."""
+    (above the process) times its parameters, plus the process; before any, ``prior`` (a
+    figure measured by an earlier sweep) or :data:`PRIOR_BYTES_PER_PARAM`."""
     params = llama_params(*SIZES[size])
     measured = [r for r in done if r["mode"] == mode and r.get("fit")]
-    per_param = measured[-1]["bytes_per_param"] if measured else PRIOR_BYTES_PER_PARAM[mode]
+    prior = PRIOR_BYTES_PER_PARAM[mode] if prior is None else prior
+    per_param = measured[-1]["bytes_per_param"] if measured else prior
     return per_param * params + PROCESS_MB * 2**20
 
 
@@ -174,7 +176,7 @@ def sweep(args: argparse.Namespace, save: Callable[[list[dict]], Any]) -> list[d
     for mode in args.modes.split(","):
         for size in args.sizes.split(","):
             cap = cap_bytes(args.cap_gb)
-            estimate = estimate_bytes(mode, size, rows)
+            estimate = estimate_bytes(mode, size, rows, args.prior_bytes_per_param)
             if estimate > cap:
                 rows.append(skipped(mode, size, estimate, cap))
             else:
@@ -262,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cap-gb", type=float, default=21.0, help="memory a child may hold")
     parser.add_argument("--child-timeout", type=float, default=1500.0, help="seconds per child")
+    parser.add_argument(
+        "--prior-bytes-per-param", type=float, default=None,
+        help="the estimate's bytes per parameter before this sweep measured any (e.g. an "
+        "earlier sweep's figure at a smaller size)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--append", action="store_true", help="keep the other modes' rows already in --out"

@@ -83,7 +83,7 @@ def test_run_settings_read_the_config():
         processes=1,
         accelerator="cpu",
     )
-    full = mc.run_settings(config("model.lora=null", "trainer=ddp", "trainer.strategy=fsdp"))
+    full = mc.run_settings(config("model.lora=null", "trainer=fsdp"))
     assert not full.lora and full.shards == 4 and full.processes == 1
 
 
@@ -124,3 +124,11 @@ def test_memory_check_false_skips_it(tmp_path, monkeypatch):
 def test_memory_check_must_be_a_boolean():
     with pytest.raises(ConfigError, match="memory_check='yes please': not a boolean"):
         validate_config(config("memory_check='yes please'"))
+
+
+def test_on_cuda_the_refusal_offers_fsdp():
+    run = mc.RunSettings(False, "zeroth_order", 2, 1, 1, "gpu")
+    _, need = mc.peak_of(SEVEN_B, None, run, WORK)
+    lines = mc.fixes(SEVEN_B, None, run, WORK, need * 0.6)
+    fsdp = [line for line in lines if "trainer=fsdp trainer.devices=2" in line]
+    assert fsdp and fsdp[0].startswith("fits")

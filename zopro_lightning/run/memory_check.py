@@ -35,8 +35,8 @@ from typing import Any
 BYTES_PER_PARAM: dict[tuple[bool, bool], float] = {
     (False, False): 2.50,  # full-parameter ZO-SGD, bf16, beta > 0 reference
     (False, True): 16.47,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
-    (True, False): 2.45,  # LoRA r=8 ZO on a bf16 base
-    (True, True): 2.47,  # LoRA r=8 AdamW on a bf16 base, checkpointing
+    (True, False): 2.39,  # LoRA r=8 ZO on a bf16 base
+    (True, True): 2.41,  # LoRA r=8 AdamW on a bf16 base, checkpointing
 }
 #: the process's own memory beside the model (torch, transformers, Lightning): the fits'
 #: intercepts (0.56-0.61 GB) rounded up
@@ -185,7 +185,7 @@ def run_settings(cfg: Any) -> RunSettings:
     ranks = (devices if isinstance(devices, int) and devices > 0 else 1) * int(
         trainer.get("num_nodes", 1) or 1
     )
-    strategy = str(trainer.get("strategy", "") or "")
+    strategy = str(trainer.get("strategy", "") or "")  # "fsdp", or trainer=fsdp's _target_
     accelerator = str(trainer.get("accelerator", "cpu") or "cpu")
     on_cpu = accelerator == "cpu"
     return RunSettings(
@@ -270,7 +270,7 @@ def fixes(
         for shards in (2, 4, 8):
             _, need = peak_of(policy, reward, dataclasses.replace(run, shards=shards), work)
             if need <= budget:
-                text = f"trainer.strategy=fsdp trainer.devices={shards} (FSDP over {shards} GPUs)"
+                text = f"trainer=fsdp trainer.devices={shards} (FSDP over {shards} GPUs)"
                 lines.append((False, f"{text}: about {need / 1e9:.1f} GB a GPU"))
                 break
     lines.sort(key=lambda item: item[0])
