@@ -14,11 +14,18 @@ A size does not fit when its child is killed: by this driver once its memory pas
 (default: 21 GB or MemAvailable less 1 GB, whichever is smaller; checked every 20 ms), or by
 the kernel. Before launching, the peak is estimated from the mode's previous size (bytes per
 parameter) and a size over the cap is not tried. A mode stops at its first size that does not
-fit. The machine never swaps: the cap is below what is free.
+fit. The machine never swaps: the cap is below what is free. A child stopped by the time limit
+(``--child-timeout``) is recorded as not finished, which says nothing of memory.
 
     python bench/largest_model.py                        # every mode, 0.5B .. 8B
     python bench/largest_model.py --modes zo_full --sizes 0.2B,0.5B
     python bench/largest_model.py --sizes tiny --out /tmp/x.json   # smoke test
+    # sweeps run apart (two at once, each with its own --out), then one JSON of them:
+    python bench/largest_model.py --merge a.json b.json
+
+On the shared 2-core machine a full-parameter ZO update of a 1 B model took 4-8 minutes (the
+draws of z for every weight, three times an update, dominate), so the sweep behind
+``bench/results/largest_model.json`` ran 0.1-1 B per mode (its ``commands``).
 
 Writes ``bench/results/largest_model.json`` and prints a table; then
 ``python bench/gpu_extrapolation.py`` fits peak bytes against parameters per mode and
