@@ -236,7 +236,7 @@ def verdict(row: dict) -> str:
     if row.get("outcome") == "time_limit" or row["why"].startswith("over the time limit"):
         return "not finished (says nothing of memory)"
     if row["why"].startswith("not tried"):
-        return "not run"
+        return "not run (estimate over the cap)"
     return "no"
 
 

@@ -34,7 +34,7 @@ from typing import Any
 #: bench/results/gpu_extrapolation.json, "fit"); bf16 weights; key: (LoRA, first-order)
 BYTES_PER_PARAM: dict[tuple[bool, bool], float] = {
     (False, False): 2.50,  # full-parameter ZO-SGD, bf16, beta > 0 reference
-    (False, True): 16.47,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
+    (False, True): 16.43,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
     (True, False): 2.39,  # LoRA r=8 ZO on a bf16 base
     (True, True): 2.41,  # LoRA r=8 AdamW on a bf16 base, checkpointing
 }
