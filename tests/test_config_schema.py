@@ -263,3 +263,15 @@ def test_default_hh_setup_keeps_every_sft_example():
     assert longest + cfg.policy.rollout.max_new_tokens <= cfg.model.tiny.max_position_embeddings
     kept = sft_examples_that_fit(task.sft_examples, tokenizer, cfg.sft.max_length)
     assert len(kept) == len(task.sft_examples) > 0
+
+
+def test_zopro_train_refuses_fsdp_before_any_work(tmp_path, no_training):
+    """``trainer=fsdp`` is for ZOPrOModule in a user's Trainer (tests/test_fsdp.py); the
+    pipeline, which saves whole models between phases, refuses it and names the way."""
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as error:
+        run_pipeline(config("trainer=fsdp", "trainer.accelerator=cpu"), run)
+    (problem,) = error.value.problems
+    assert problem.startswith("trainer=fsdp") and "trainer=ddp" in problem.split("valid:")[1]
+    assert not run.exists()
+    assert not problems("trainer=ddp")  # a plain strategy string is no problem

@@ -51,7 +51,7 @@ from zopro_lightning.rl.rollout import (
     completion_logprobs,
 )
 from zopro_lightning.utils.distributed import agree_on_seed, cross_rank_mean
-from zopro_lightning.utils.sharding import shard_policy
+from zopro_lightning.utils.sharding import shard_under_model_parallel
 from zopro_lightning.zo.optim import SPSASettings, ZerothOrderOptimizer
 from zopro_lightning.zo.samplers import GaussianSampler, PerturbationSampler
 from zopro_lightning.zo.spsa import derive_seed
@@ -216,9 +216,7 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         """Under ``ModelParallelStrategy`` (``trainer=fsdp``), shard the policy with FSDP2:
         each block, then the whole model, over the data-parallel mesh
         (:func:`~zopro_lightning.utils.sharding.shard_policy`). Other strategies: nothing."""
-        mesh = self._device_mesh
-        if mesh is not None:
-            shard_policy(self.policy, mesh["data_parallel"])
+        shard_under_model_parallel(self, self.policy)
 
     def on_fit_start(self) -> None:
         # every rank takes rank 0's base seed: the step seeds, hence the directions z, agree

@@ -22,6 +22,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from zopro_lightning.reward.callables import HFRewardModel
+from zopro_lightning.utils.sharding import shard_under_model_parallel
 
 RewardLoss = Literal["bradley_terry", "mse"]
 
@@ -77,6 +78,10 @@ class RewardModelModule(LightningModule):
         self.val_accuracy = torchmetrics.MeanMetric()
         self.val_pearson = torchmetrics.PearsonCorrCoef()
         self.val_spearman = torchmetrics.SpearmanCorrCoef()
+
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the classifier's blocks (FSDP2); other strategies: nothing."""
+        shard_under_model_parallel(self, self.model)
 
     def on_train_start(self) -> None:
         # checkpoints load in eval mode; train with the model's own dropout

@@ -371,6 +371,20 @@ def _judge_problems(cfg: DictConfig) -> Iterator[str]:
         )
 
 
+def _strategy_problems(cfg: DictConfig) -> Iterator[str]:
+    """``trainer=fsdp`` is for a user's own Trainer: the pipeline saves and merges whole models
+    between its phases (SFT, the reward model's backbone, iteration ends, the export)."""
+    target = str(_get(cfg, "trainer.strategy._target_") or "")
+    if target.endswith("fsdp_strategy"):
+        yield (
+            "trainer=fsdp: zopro-train's phases save and merge whole models (the SFT model, "
+            "the reward model's backbone, the adapters at iteration ends, the exported "
+            "policy), which it does not do from FSDP shards yet; valid: trainer=ddp for "
+            "zopro-train, or ZOPrOModule in your own Trainer with "
+            "strategy=zopro_lightning.utils.sharding.fsdp_strategy() (README: Many devices)"
+        )
+
+
 def _missing_keys(node: Any, prefix: str = "") -> Iterator[str]:
     """Dotted keys left at ``???``, found without resolving any interpolation (``${hydra:...}``
     cannot be resolved outside a Hydra run)."""
@@ -403,5 +417,6 @@ def validate_config(cfg: DictConfig) -> None:
     problems += _path_problems(cfg, missing)
     problems += _length_problems(cfg, missing)
     problems += _judge_problems(cfg)
+    problems += _strategy_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -14,6 +14,8 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from zopro_lightning.utils.sharding import shard_under_model_parallel
+
 
 class SFTCollator:
     """Turns ``(prompt, completion)`` pairs into right-padded ``input_ids``, ``attention_mask``
@@ -47,6 +49,10 @@ class SFTModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the model's blocks (FSDP2); other strategies: nothing."""
+        shard_under_model_parallel(self, self.model)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model(**batch).loss

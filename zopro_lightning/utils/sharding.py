@@ -68,6 +68,15 @@ def shard_policy(policy: nn.Module, mesh: object) -> int:
     return len(blocks)
 
 
+def shard_under_model_parallel(lightning_module: object, model: nn.Module) -> None:
+    """``configure_model`` of the package's LightningModules: shard ``model`` with
+    :func:`shard_policy` over the data-parallel mesh when the strategy set one
+    (``trainer=fsdp``); nothing under any other strategy."""
+    mesh = getattr(lightning_module, "_device_mesh", None)
+    if mesh is not None:
+        shard_policy(model, mesh["data_parallel"])
+
+
 def fsdp_strategy(**kwargs: object) -> object:
     """Lightning's ``ModelParallelStrategy`` as pure FSDP2 data parallelism: every rank of every
     node in one data-parallel mesh (no tensor parallelism), so ``ZOPrOModule.configure_model``
