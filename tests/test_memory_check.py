@@ -130,5 +130,5 @@ def test_on_cuda_the_refusal_offers_fsdp():
     run = mc.RunSettings(False, "zeroth_order", 2, 1, 1, "gpu")
     _, need = mc.peak_of(SEVEN_B, None, run, WORK)
     lines = mc.fixes(SEVEN_B, None, run, WORK, need * 0.6)
-    fsdp = [line for line in lines if "trainer=fsdp trainer.devices=2" in line]
+    fsdp = [line for line in lines if "FSDP over 2 GPUs, in your own Lightning Trainer" in line]
     assert fsdp and fsdp[0].startswith("fits")

@@ -253,7 +253,7 @@ def fixes(
     policy: Shape, reward: Shape | None, run: RunSettings, work: Work, budget: float
 ) -> list[str]:
     """Each single change and the pairs of them, with their estimates, those that fit first;
-    FSDP over more GPUs where the run is on CUDA."""
+    FSDP over more GPUs (a user's own Trainer) where the run is on CUDA."""
     lines, seen = [], set()
     candidates = [(name, change) for name, change in FIXES]
     candidates += [
@@ -270,7 +270,11 @@ def fixes(
         for shards in (2, 4, 8):
             _, need = peak_of(policy, reward, dataclasses.replace(run, shards=shards), work)
             if need <= budget:
-                text = f"trainer=fsdp trainer.devices={shards} (FSDP over {shards} GPUs)"
+                text = (
+                    f"FSDP over {shards} GPUs, in your own Lightning Trainer (strategy="
+                    "zopro_lightning.utils.sharding.fsdp_strategy(); zopro-train refuses "
+                    "trainer=fsdp)"
+                )
                 lines.append((False, f"{text}: about {need / 1e9:.1f} GB a GPU"))
                 break
     lines.sort(key=lambda item: item[0])
