@@ -2,7 +2,7 @@
 
 The estimate is linear in the parameters, from what ``bench/largest_model.py`` measured on real
 ``ZOPrOModule`` updates (``bench/results/largest_model.json``: peak ``RssAnon + RssShmem`` of the
-process, random Llamas of 0.1-3.8 B parameters, vocabulary 32,004, bf16 weights, beta > 0; the
+process, random Llamas of 0.1-8 B parameters, vocabulary 32,004, bf16 weights, beta > 0; the
 fits' worst residual 14 %, at the smallest full-parameter ZO size):
 
     peak ~ b(mode) * P / shards + logits + activations (first-order without checkpointing)
@@ -33,7 +33,7 @@ from typing import Any
 #: bench/results/largest_model.json; ``python bench/gpu_extrapolation.py`` ->
 #: bench/results/gpu_extrapolation.json, "fit"); bf16 weights; key: (LoRA, first-order)
 BYTES_PER_PARAM: dict[tuple[bool, bool], float] = {
-    (False, False): 2.19,  # full-parameter ZO-SGD, bf16, beta > 0 reference
+    (False, False): 2.15,  # full-parameter ZO-SGD, bf16, beta > 0 reference
     (False, True): 16.43,  # full-parameter AdamW: float32 master, bf16 autocast, checkpointing
     (True, False): 2.39,  # LoRA r=8 ZO on a bf16 base
     (True, True): 2.41,  # LoRA r=8 AdamW on a bf16 base, checkpointing
