@@ -1,13 +1,33 @@
-"""The memory model of ``bench/memory_model.py`` applied to bf16 Llama-shaped models on one GPU:
-the bytes of one update per mode (:func:`gpu_memory`) and the largest model that fits
-(:func:`extrapolate`). Pure arithmetic."""
+"""The largest model per training mode on one 80 GB device, extrapolated two ways.
+
+- **From measured sizes** (:func:`measured_extrapolation`, this script's ``main``): the peaks
+  ``bench/largest_model.py`` measured on real ``ZOPrOModule`` updates of random bf16 Llamas of
+  0.5 B parameters and up, fitted per mode by a line ``peak = slope * P + intercept`` (least
+  squares over the sizes that fit) and solved for the ``P`` whose peak fills the device less a
+  reserve. The slope is the mode's bytes per parameter (``zopro_lightning.run.memory_check``
+  uses it); the intercept, the CPU process's own memory, is replaced on the device by the
+  reserve (CUDA context, fragmentation). At the measured batch (4 sequences x 24 tokens):
+  activations of a larger batch come on top.
+- **From the analytic memory model** of ``bench/memory_model.py`` (:func:`extrapolate`), fitted
+  on the small float32 models of ``bench/step_cost.py``: superseded for the modes measured at
+  scale; kept for ZO-Adam, which ``bench/largest_model.py`` does not run.
+
+    python bench/gpu_extrapolation.py   # largest_model.json -> gpu_extrapolation.json
+
+Pure arithmetic.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from memory_terms import GROUP, activation_units, peak_bytes, static_terms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_terms import GROUP, activation_units, peak_bytes, static_terms  # noqa: E402
 
 
 def llama_shape(hidden: float, vocab: int = 32000) -> dict[str, float]:
@@ -212,3 +232,104 @@ def extrapolate(
         "assumptions": GPU_ASSUMPTIONS,
         "modes": modes,
     }
+
+
+# -- from the measured sizes -----------------------------------------------------------------------
+def linear_fit(points: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Least squares ``y = slope * x + intercept`` through ``(x, y)`` points; one point: a line
+    through the origin. Also the largest relative residual."""
+    n = len(points)
+    if n == 0:
+        raise ValueError("no measured point to fit")
+    if n == 1:
+        x, y = points[0]
+        slope, intercept = y / x, 0.0
+    else:
+        mean_x = sum(x for x, _ in points) / n
+        mean_y = sum(y for _, y in points) / n
+        sxx = sum((x - mean_x) ** 2 for x, _ in points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+        intercept = mean_y - slope * mean_x
+    worst = max(abs(slope * x + intercept - y) / y for x, y in points)
+    return {"slope": slope, "intercept": intercept, "points": n, "max_relative_residual": worst}
+
+
+def measured_extrapolation(
+    result: dict[str, Any], budget_bytes: float = 80e9, reserve_bytes: float = 3e9
+) -> dict[str, Any]:
+    """Per mode of ``largest_model.json``: the line fitted to its measured update peaks
+    (bytes, ``RssAnon + RssShmem``) against parameters, and the parameters whose
+    ``slope * P`` fills ``budget - reserve`` (the CPU process's intercept left out)."""
+    fits, devices = {}, {}
+    for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["mode"] == mode and r["fit"]]
+        rows = [r for r in rows if r["size"] != "tiny"]
+        if not rows:
+            continue
+        line = linear_fit([(r["params_total"], r["update_peak_mb"] * 2**20) for r in rows])
+        forward = linear_fit([(r["params_total"], r["forward_peak_mb"] * 2**20) for r in rows])
+        fits[mode] = {
+            "bytes_per_param": line["slope"],
+            "intercept_gb": line["intercept"] / 1e9,
+            "forward_bytes_per_param": forward["slope"],
+            "sizes": [r["size"] for r in rows],
+            "params": [r["params_total"] for r in rows],
+            "points": line["points"],
+            "max_relative_residual": line["max_relative_residual"],
+            "largest_measured": max(r["params_total"] for r in rows),
+        }
+        devices[mode] = {
+            "params": (budget_bytes - reserve_bytes) / line["slope"],
+            "bytes_per_param": line["slope"],
+        }
+    zo, adamw = devices.get("zo_full"), devices.get("adamw_full")
+    return {
+        "source": "bench/results/largest_model.json",
+        "measured_on": result.get("device"),
+        "measured_date": result.get("date"),
+        "settings": result.get("settings"),
+        "budget_bytes": budget_bytes,
+        "reserve_bytes": reserve_bytes,
+        "how": "per mode, least squares peak = slope * P + intercept over the measured sizes "
+        "(peak: RssAnon + RssShmem of real ZOPrOModule updates on CPU, bf16 weights; AdamW: "
+        "float32 master weights, bf16 autocast, checkpointing); largest on the device: "
+        "slope * P = budget - reserve (the intercept is the CPU process's own memory; the "
+        "reserve stands for the CUDA context). At the measured batch: larger batches add "
+        "activations (ZO: one layer's and the logits; AdamW with checkpointing: the layer "
+        "inputs and one layer's).",
+        "fit": fits,
+        "device": devices,
+        "zo_full_over_adamw_full": zo["params"] / adamw["params"] if zo and adamw else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from common import RESULTS, environment, write_results
+
+    parser = argparse.ArgumentParser(description="largest model per mode on one device")
+    parser.add_argument("--result", default=str(RESULTS / "largest_model.json"))
+    parser.add_argument("--budget-gb", type=float, default=80.0)
+    parser.add_argument("--reserve-gb", type=float, default=3.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    result = json.loads(Path(args.result).read_text())
+    payload = {
+        "benchmark": "gpu_extrapolation",
+        **environment(),
+        "command": "python bench/gpu_extrapolation.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        **measured_extrapolation(result, args.budget_gb * 1e9, args.reserve_gb * 1e9),
+    }
+    path = write_results("gpu_extrapolation", payload, args.out)
+    for mode, fit in payload["fit"].items():
+        device = payload["device"][mode]
+        print(
+            f"{mode:>10}: {fit['bytes_per_param']:5.2f} B/param (fit over {fit['points']} sizes, "
+            f"worst residual {fit['max_relative_residual']:.1%}), largest on "
+            f"{args.budget_gb:.0f} GB: {device['params'] / 1e9:6.1f} B params"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -95,14 +95,6 @@ OPERATION_NAMES = {
     "zeroth_order_adam": "ZO-Adam",
     "first_order": "AdamW",
 }
-GPU_MODE_NAMES = {
-    "zo_sgd_full": "full-parameter ZO-SGD",
-    "zo_adam_full": "full-parameter ZO-Adam",
-    "adamw_full": "full-parameter AdamW",
-    "zo_sgd_lora": "LoRA r=8, ZO-SGD",
-    "zo_adam_lora": "LoRA r=8, ZO-Adam",
-    "adamw_lora": "LoRA r=8, AdamW",
-}
 
 
 def memory_section(result: dict, name: str) -> list[str]:
@@ -114,7 +106,13 @@ def memory_section(result: dict, name: str) -> list[str]:
     return (
         measured_memory_lines(result, name, memory)
         + memory_model_lines(result, model)
-        + gpu_limit_lines(model["gpu"])
+        + [
+            "",
+            "The 80 GB extrapolation of this fitted model (its `gpu` block, which assumed a "
+            "bf16 weight copy for the exact restore and a deep-copied reference) is superseded "
+            "by the one from measured sizes in **Largest model per mode** above.",
+            "",
+        ]
     )
 
 
@@ -184,30 +182,90 @@ def memory_model_lines(result: dict, model: dict) -> list[str]:
     ]
 
 
-def gpu_limit_lines(gpu: dict) -> list[str]:
-    """The extrapolated table: the largest Llama-shaped model per mode on one GPU."""
+LARGEST_MODE_NAMES = {
+    "zo_full": "full-parameter ZO-SGD, bf16, β > 0 reference",
+    "adamw_full": "full-parameter AdamW, fp32 master + bf16 autocast, checkpointing",
+    "zo_lora": "LoRA r=8 ZO-SGD, bf16 base",
+    "adamw_lora": "LoRA r=8 AdamW, bf16 base, checkpointing",
+}
+
+
+def largest_model_section() -> list[str]:
+    """The sizes ``bench/largest_model.py`` ran per mode (measured) and the 80 GB
+    extrapolation of ``bench/gpu_extrapolation.py`` from them."""
+    result = load("largest_model")
+    if result is None:
+        return []
+    s = result["settings"]
+    commands = "`, `".join(result.get("commands", [result.get("command", "")]))
     lines = [
+        f"**Largest model per mode** (measured): `{commands}` → "
+        f"`bench/results/largest_model.json` ({result['device']}, {result['date'][:10]}). "
+        f"Random Llamas (head size 128, untied, vocab 32,004), {s['updates']} real ZOPrOModule "
+        f"updates per size ({s['prompts']} prompts × k={s['k']}, {s['prompt_tokens']} prompt "
+        f"+ {s['new_tokens']} new tokens: rollout with generation, reference, update) in a "
+        "fresh process each. Peak = RssAnon + RssShmem sampled every 10 ms; pages of "
+        "memory-mapped files (RssFile: the reference streamed from disk) are page cache and "
+        f"are not counted. A child over {result['cap_gb']:g} GB (or MemAvailable − 1 GB) is "
+        "killed: that size does not fit.",
         "",
-        f"**Largest Llama-shaped model on one {gpu['budget_bytes'] / 1e9:.0f} GB GPU** "
-        f"(extrapolated from the model above, not measured on a GPU): bf16 weights, "
-        f"{gpu['batch_sequences']} sequences × {gpu['sequence_tokens']} tokens "
-        f"({gpu['completion_tokens']} completion) per step, "
-        f"{(gpu['budget_bytes'] - gpu['reserve_bytes']) / 1e9:.0f} GB usable "
-        f"({gpu['reserve_bytes'] / 1e9:.0f} GB kept for the CUDA context and fragmentation); "
-        f"{gpu['family']}.",
+        "| mode | size | parameters | update peak | inference-forward peak | update / forward "
+        "| B / parameter | fits | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        name = LARGEST_MODE_NAMES.get(r["mode"], r["mode"])
+        if not r["fit"]:
+            lines.append(
+                f"| {name} | {r['size']} | {r['params_total'] / 1e9:.2f} B | – | – | – | – | "
+                f"{verdict(r)}: {r['why']} | {r['seconds']:.0f} |"
+            )
+            continue
+        lines.append(
+            f"| {name} | {r['size']} | {r['params_total'] / 1e9:.2f} B | "
+            f"{r['update_peak_mb'] / 1024:.2f} GiB | {r['forward_peak_mb'] / 1024:.2f} GiB | "
+            f"{r['update_over_forward']:.2f} | {r['bytes_per_param']:.2f} | yes | "
+            f"{r['seconds']:.0f} |"
+        )
+    return lines + [""] + extrapolation_lines()
+
+
+def verdict(row: dict) -> str:
+    """``no`` for a size that does not fit; a run the time limit stopped, or a size skipped on
+    its estimate, is not a verdict."""
+    if row.get("outcome") == "time_limit" or row["why"].startswith("over the time limit"):
+        return "not finished (says nothing of memory)"
+    if row["why"].startswith("not tried"):
+        return "not run (estimate over the cap)"
+    return "no"
+
+
+def extrapolation_lines() -> list[str]:
+    """The redone 80 GB table of ``bench/gpu_extrapolation.py``."""
+    result = load("gpu_extrapolation")
+    if result is None:
+        return []
+    usable = (result["budget_bytes"] - result["reserve_bytes"]) / 1e9
+    lines = [
+        f"**Largest model on one {result['budget_bytes'] / 1e9:.0f} GB device**, extrapolated "
+        f"from the measured sizes: `{result['command']}` → `bench/results/"
+        f"gpu_extrapolation.json`. {result['how']} {usable:.0f} GB usable.",
         "",
-        "| mode | B / parameter (w + state) | B / trainable | activations at the limit | "
-        "largest model | largest, activations excluded |",
+        "| mode | B / parameter (fitted slope) | intercept (CPU process) | fitted on | worst "
+        "residual | largest model on the device |",
         "|---|---|---|---|---|---|",
     ]
-    for mode, m in gpu["modes"].items():
+    for mode, fit in result["fit"].items():
+        device = result["device"][mode]
         lines.append(
-            f"| {GPU_MODE_NAMES.get(mode, mode)} | {m['bytes_per_param']:g} | "
-            f"{m['bytes_per_trainable']:g} | {m['activation_gb']:.1f} GB | "
-            f"**{m['params'] / 1e9:.1f} B** (h {m['hidden']:.0f}, {m['layers']:.0f} layers) | "
-            f"{m['params_state_only'] / 1e9:.1f} B |"
+            f"| {LARGEST_MODE_NAMES.get(mode, mode)} | {fit['bytes_per_param']:.2f} | "
+            f"{fit['intercept_gb']:.2f} GB | {', '.join(fit['sizes'])} | "
+            f"{fit['max_relative_residual']:.1%} | **{device['params'] / 1e9:.1f} B** |"
         )
-    return lines + [""] + [f"- {key}: {text}" for key, text in gpu["assumptions"].items()] + [""]
+    ratio = result.get("zo_full_over_adamw_full")
+    if ratio:
+        lines += ["", f"- full-parameter ZO over full-parameter AdamW on the device: {ratio:.1f} ×"]
+    return lines + [""]
 
 
 def schedules_section() -> list[str]:
@@ -315,7 +373,14 @@ def render() -> str:
         "Generated by `python bench/report.py` from `bench/results/`.",
         "",
     ]
-    for section in (schedules_section, peer_section, step_cost_section, communication_section):
+    sections = (
+        schedules_section,
+        peer_section,
+        largest_model_section,
+        step_cost_section,
+        communication_section,
+    )
+    for section in sections:
         lines += section()
     return "\n".join(lines).rstrip() + "\n"
 

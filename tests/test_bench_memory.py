@@ -1,8 +1,10 @@
-"""The memory-model arithmetic of ``bench/memory_model.py`` (no measurement, no timing)."""
+"""The memory-model arithmetic of ``bench/memory_model.py`` and ``bench/gpu_extrapolation.py``
+(no timing), and a smoke test of ``bench/largest_model.py`` at a tiny size."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -133,3 +135,50 @@ def test_largest_model_is_monotone_and_respects_the_budget():
     for row in table.values():
         assert row["peak_gb"] <= 77.0 + 1e-6
         assert row["params_state_only"] >= row["params"]
+
+
+# -- bench/largest_model.py and its extrapolation ------------------------------------------------
+def _load_bench(name: str):
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_largest_model_smoke(tmp_path):
+    """One real ZOPrOModule update of the tiny Llama in a subprocess, its peaks recorded; a
+    size estimated over the cap is not launched."""
+    lm = _load_bench("largest_model")
+    out = tmp_path / "largest.json"
+    lm.main(["--modes", "zo_full", "--sizes", "tiny", "--updates", "1", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["fit"], row.get("stderr_tail")
+    assert row["update_peak_mb"] >= row["forward_peak_mb"] > row["prebuild_mb"] > 0
+    assert row["update_over_forward"] == pytest.approx(
+        row["update_peak_mb"] / row["forward_peak_mb"]
+    )
+    assert row["params_total"] == lm.llama_params(*lm.SIZES["tiny"], vocab=row["vocab"])
+    lm.main(["--modes", "zo_full", "--sizes", "8B", "--cap-gb", "1", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert not row["fit"] and row["why"].startswith("not tried: estimated")
+
+
+def test_measured_extrapolation_fits_a_line_per_mode():
+    ge = _load_bench("gpu_extrapolation")
+    rows = [
+        {"mode": "zo_full", "size": s, "fit": True, "params_total": p,
+         "update_peak_mb": (2.5 * p + 1e9) / 2**20, "forward_peak_mb": (2.4 * p + 1e9) / 2**20}
+        for s, p in (("1B", 1e9), ("2B", 2e9), ("4B", 4e9))
+    ] + [
+        {"mode": "adamw_full", "size": s, "fit": True, "params_total": p,
+         "update_peak_mb": (18.0 * p + 1e9) / 2**20, "forward_peak_mb": (4.0 * p + 1e9) / 2**20}
+        for s, p in (("0.5B", 0.5e9), ("1B", 1e9))
+    ] + [{"mode": "adamw_full", "size": "2B", "fit": False, "params_total": 2e9}]  # fmt: skip
+    result = ge.measured_extrapolation({"rows": rows}, budget_bytes=80e9, reserve_bytes=3e9)
+    assert result["fit"]["zo_full"]["bytes_per_param"] == pytest.approx(2.5)
+    assert result["fit"]["zo_full"]["intercept_gb"] == pytest.approx(1.0)
+    assert result["device"]["zo_full"]["params"] == pytest.approx(77e9 / 2.5)
+    assert result["device"]["adamw_full"]["params"] == pytest.approx(77e9 / 18.0)
+    assert result["zo_full_over_adamw_full"] == pytest.approx(18.0 / 2.5)

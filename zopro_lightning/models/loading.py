@@ -178,19 +178,19 @@ def load_sequence_classifier(
     return model
 
 
-def build_tiny_causal_lm(
+def tiny_llama_config(
     tokenizer,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
     intermediate_size: int = 128,
     max_position_embeddings: int = 128,
-    seed: int = 0,
-) -> nn.Module:
-    """A small Llama-architecture causal LM initialised from a config (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+):
+    """The ``LlamaConfig`` of :func:`build_tiny_causal_lm` (the memory check counts its
+    parameters without building it)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -202,6 +202,23 @@ def build_tiny_causal_lm(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+    )
+
+
+def build_tiny_causal_lm(
+    tokenizer,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 128,
+    seed: int = 0,
+) -> nn.Module:
+    """A small Llama-architecture causal LM initialised from a config (no download)."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(
+        tokenizer, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -284,6 +301,18 @@ class ModelSpec:
 
             return build_word_tokenizer(corpus)
         return load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+
+    def config(self, tokenizer):
+        """The policy's transformers config, without its weights (the tiny model's from
+        ``tiny``; a hub or local model's ``config.json``)."""
+        if self.name_or_path is None:
+            return tiny_llama_config(tokenizer, **self.tiny)
+        from transformers import AutoConfig
+
+        _check_local(self.name_or_path, "model", need_tokenizer=False)
+        return AutoConfig.from_pretrained(
+            str(self.name_or_path), trust_remote_code=self.trust_remote_code
+        )
 
     def causal_lm(self, tokenizer) -> nn.Module:
         if self.name_or_path is None:

@@ -40,7 +40,7 @@ from zopro_lightning.models.loading import (
     model_directory_problem,
 )
 
-__all__ = ["CHOICES", "RULES", "ConfigError", "Rule", "validate_config"]
+__all__ = ["BOOLEANS", "CHOICES", "RULES", "ConfigError", "Rule", "validate_config"]
 
 _ABSENT = object()
 
@@ -180,6 +180,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 """Options with a fixed set of values."""
 
+BOOLEANS: tuple[str, ...] = ("memory_check",)
+"""Options that are true or false."""
+
 _DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 _MINILM = ("minilm", "all-MiniLM-L6-v2")
 
@@ -211,6 +214,10 @@ def _value_problems(cfg: DictConfig, missing: set[str]) -> Iterator[str]:
         value = _get(cfg, key) if key not in missing else _ABSENT
         if value is not _ABSENT and value not in allowed:
             yield f"{_show(key, value)}: not a known choice; valid: one of {', '.join(allowed)}"
+    for key in BOOLEANS:
+        value = _get(cfg, key) if key not in missing else _ABSENT
+        if value is not _ABSENT and not isinstance(value, bool):
+            yield f"{_show(key, value)}: not a boolean; valid: true or false"
 
 
 def _int(cfg: DictConfig, key: str) -> int | None:

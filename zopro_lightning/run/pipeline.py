@@ -39,7 +39,7 @@ from zopro_lightning.models.loading import trainable_state
 from zopro_lightning.policy.module import ZOPrOModule
 from zopro_lightning.reward.callables import HFRewardModel
 from zopro_lightning.reward.refinement import RewardRefinement
-from zopro_lightning.run import building, phases
+from zopro_lightning.run import building, memory_check, phases
 from zopro_lightning.run.config_schema import validate_config
 from zopro_lightning.run.context import RunContext, peak_memory_mb
 from zopro_lightning.run.loggers import log_summary
@@ -97,6 +97,7 @@ class Pipeline:
         if self.ctx.resuming and (self.run_dir / SUMMARY_FILE).exists():
             log.info("resume: %s has finished; its files are left as they are", self.run_dir)
             return read_summary(self.run_dir)
+        self.check_memory()  # before any model is loaded (MemoryCheckError)
         self.begin()
         sft_model = self.supervised_fine_tuning()
         reward, started = self.initial_reward_model()
@@ -116,6 +117,19 @@ class Pipeline:
         batch, schedule = self.cfg.loop.batch_size, self.schedule
         sizes = [schedule.updates_of(t) * batch for t in range(schedule.iterations)]
         return phases.prompt_chunks(self.task.train_prompts, sizes)
+
+    def check_memory(self) -> None:
+        """Refuse a run whose estimated peak exceeds the device's memory (``memory_check``;
+        :mod:`zopro_lightning.run.memory_check`); ranks > 0 rely on rank 0's check."""
+        if not self.cfg.get("memory_check", True) or memory_check.is_launched_rank():
+            return
+        phase, need, budget = memory_check.check_run_memory(
+            self.cfg, self.model_spec, self.tokenizer
+        )
+        log.info(
+            "memory check: about %.1f GB at the peak (%s), %.1f GB available",
+            need / 1e9, phase, budget / 1e9,
+        )  # fmt: skip
 
     def begin(self) -> None:
         """The run's config into its directory (a new run), the loggers started."""

@@ -4,8 +4,8 @@ A run directory holds, besides its outputs:
 
 - ``run_config.yaml``: the composed config the run started with. ``resume=RUN_DIR`` alone
   runs with it (:func:`config_to_resume`); a resume given other overrides must compose the same
-  config (apart from ``resume`` and ``num_threads``): :func:`check_same_config` names any
-  difference.
+  config (apart from ``resume``, ``num_threads`` and ``memory_check``): :func:`check_same_config`
+  names any difference.
 - ``sft/``: the merged SFT policy, moved into place in one rename once complete.
 - ``state/start.pt``: the trained reward model r_0 and the summary so far.
 - ``state/iteration_<t>.pt``: after iteration ``t`` (policy learning and refinement): the
@@ -37,7 +37,7 @@ from zopro_lightning.utils.checkpointing import checkpoint_problem, set_aside
 
 STATE_DIR = "state"
 RUN_CONFIG = "run_config.yaml"
-IGNORED_KEYS = ("resume", "num_threads")  # may differ between a run and its resume
+IGNORED_KEYS = ("resume", "num_threads", "memory_check")  # may differ between a run and its resume
 
 
 def state_path(run_dir: Path, name: str) -> Path:
@@ -108,10 +108,10 @@ def override_key(override: str) -> str:
 def config_to_resume(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """The config a ``resume=RUN_DIR`` invocation runs with.
 
-    With no override but ``resume`` and ``num_threads``: the run's own ``run_config.yaml``
-    (with this invocation's ``resume`` and ``num_threads``), so the run's overrides need not be
-    repeated. With others (or no ``run_config.yaml``): ``cfg`` as composed, which
-    :func:`check_same_config` then compares with the run's.
+    With no override but those of :data:`IGNORED_KEYS`: the run's own ``run_config.yaml`` (with
+    this invocation's values of them), so the run's overrides need not be repeated. With others
+    (or no ``run_config.yaml``): ``cfg`` as composed, which :func:`check_same_config` then
+    compares with the run's.
     """
     path = Path(cfg.resume) / RUN_CONFIG
     if any(override_key(o) not in IGNORED_KEYS for o in overrides) or not path.exists():
@@ -160,8 +160,8 @@ def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
             f"resume={run_dir}: the config differs from the one the run started with, so the "
             "resumed run would not continue it:\n  "
             + "\n  ".join(changed[:20])
-            + "\nResume with the same overrides (only resume= and num_threads= may change), "
-            "or start a new run."
+            + "\nResume with the same overrides (only resume=, num_threads= and memory_check= may "
+            "change), or start a new run."
         )
 
 
