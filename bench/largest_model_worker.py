@@ -79,21 +79,9 @@ def random_llama(size: str, dtype: Any, tokenizer: Any) -> Any:
 
 
 def keep_checkpointing_on(model: Any) -> None:
-    """Activation checkpointing as ``model.gradient_checkpointing_enable()`` sets it, kept on
-    through ``ZOPrOModule``'s ``policy.eval()`` (transformers checkpoints only layers in
-    training mode; Llama has no dropout, so the mode changes nothing else)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+    """Activation checkpointing as users turn it on; ``ZOPrOModule``'s first-order update keeps
+    it on through its ``policy.eval()`` (``policy.module.checkpointed_layers_on``)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for layer in model.modules():
-        if isinstance(layer, GradientCheckpointingLayer):
-            layer.train = _always_training.__get__(layer)
-            layer.training = True
-
-
-def _always_training(self: Any, mode: bool = True) -> Any:
-    self.training = True
-    return self
 
 
 @dataclass

@@ -107,6 +107,35 @@ def test_first_order_mode_uses_backprop_and_the_same_loss(lora_policy, tokenizer
     assert all(p.grad is None for p in lora_policy.parameters())  # zeroed after the step
 
 
+def test_first_order_updates_checkpoint_activations_when_asked(tokenizer, small_task):
+    """``gradient_checkpointing_enable()``: the decoder layers run again in the backward, and
+    the update equals the one without
+    checkpointing, so dropout stayed off (eval mode below the layers)."""
+    from zopro_lightning.models.loading import build_tiny_causal_lm
+
+    weights, calls = [], []
+    for checkpointing in (False, True):
+        policy = build_tiny_causal_lm(
+            tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+        )
+        policy.config.attention_dropout = 0.5  # would change the update if it were on
+        if checkpointing:
+            policy.gradient_checkpointing_enable()
+        layer = policy.model.layers[0].mlp  # a child: the recomputation calls it again
+        count = [0]
+        layer.register_forward_pre_hook(lambda module, args: count.__setitem__(0, count[0] + 1))
+        module = ZOPrOModule(
+            policy, tokenizer, count_words_reward,
+            optimizer=OptimizerSettings(name="first_order", lr=1e-2),
+            rollout=RolloutSettings(k=2, max_new_tokens=4),
+        )  # fmt: skip
+        fit(module, small_task.train_prompts[:2], steps=1)
+        calls.append(count[0])
+        weights.append(trainable(policy))
+    assert calls[1] > calls[0]  # the layer's forward ran again inside the backward
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
 def test_non_finite_loss_skips_and_leaves_theta_bit_identical(lora_policy, tokenizer, small_task):
     module = ZOPrOModule(
         lora_policy, tokenizer, count_words_reward, rollout=RolloutSettings(k=2, max_new_tokens=4)

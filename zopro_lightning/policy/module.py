@@ -57,6 +57,16 @@ from zopro_lightning.zo.samplers import GaussianSampler, PerturbationSampler
 from zopro_lightning.zo.spsa import derive_seed
 
 
+def checkpointed_layers_on(model: nn.Module) -> None:
+    """With activation checkpointing on (``model.gradient_checkpointing_enable()``), mark the
+    modules that checkpoint as training, alone: transformers checkpoints a layer only while
+    ``self.training``, and ``eval()`` (no dropout, the network the rollout saw) turned that off.
+    Their children stay in eval mode, so dropout stays off."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+
+
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -337,6 +347,7 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         micro-batch (no dropout: the same network the rollout saw)."""
         lr = optimizer.param_groups[0]["lr"]
         self.policy.eval()
+        checkpointed_layers_on(self.policy)
         optimizer.zero_grad(set_to_none=True)
         loss = self.surrogate_loss(rollouts, backward=True)
         optimizer.step()
