@@ -123,7 +123,9 @@ def test_first_order_updates_checkpoint_activations_when_asked(tokenizer, small_
             policy.gradient_checkpointing_enable()
         layer = policy.model.layers[0].mlp  # a child: the recomputation calls it again
         count = [0]
-        layer.register_forward_pre_hook(lambda module, args: count.__setitem__(0, count[0] + 1))
+        layer.register_forward_pre_hook(
+            lambda module, args, count=count: count.__setitem__(0, count[0] + 1)
+        )
         module = ZOPrOModule(
             policy, tokenizer, count_words_reward,
             optimizer=OptimizerSettings(name="first_order", lr=1e-2),
