@@ -72,7 +72,8 @@ def test_help_lists_the_config_groups_and_the_main_options():
     groups = text.split("== Config groups (group=option) ==")[1].split("== Main options")[0]
     for group in ("sampler", "model", "dataset", "judge", "trainer", "logger", "experiment"):
         assert re.search(rf"^{group}: \w", groups, re.M), group
-    assert "sampler: gaussian, rademacher, zopro" in groups
+    assert "sampler: gaussian, rademacher, subspace, zopro" in groups
+    assert "trainer: cpu, ddp, fsdp, gpu" in groups
     options = text.split("== Main options")[1].split("\n\n")[0].splitlines()[1:]
     keys = [line.split()[0] for line in options]
     for key in ("seed", "resume", "loop.iterations", "loop.zeroth_order_lr", "policy.rollout.k"):
