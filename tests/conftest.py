@@ -10,6 +10,16 @@ from zopro_lightning.models.loading import add_lora, build_tiny_causal_lm
 from zopro_lightning.models.tokenizer import build_word_tokenizer
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread inside the test (the bit-identity tests of resumes), as before
+    after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_task():
     return build_sentiment_task(

@@ -34,12 +34,7 @@ from .conftest import count_words_reward
 CHECKPOINTING = zopro_lightning.utils.checkpointing.__file__
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identity: one torch thread
 
 
 def failing_save(after_bytes: bytes, error: BaseException):

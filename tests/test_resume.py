@@ -24,12 +24,7 @@ from zopro_lightning.zo.samplers import ZOPrOSampler
 STEPS = 7  # 8 prompts, batch 2: 4 batches an epoch, so the run ends mid-epoch 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identity: one torch thread
 
 
 class LengthReward:

@@ -29,12 +29,7 @@ SCHEDULE = IterationSchedule(iterations=3, updates=3, first_order_updates=2)
 UPDATES = SCHEDULE.total_updates + 1  # one update after the last boundary
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identity: one torch thread
 
 
 def llama_models(tokenizer):
