@@ -49,6 +49,12 @@ METHODS: dict[str, list[str]] = {
         "loop.schedule=first_order_then_zeroth_order", "sampler=zopro",
         "sampler.direction=gradient", "sampler.lr=5e-5",
     ],
+    # issue #19: the zeroth-order iterations search the span of first-order iteration 0's last
+    # 8 batch gradients per tensor (SubspaceSampler basis=gradients)
+    "subspace_gradients": [
+        "loop.schedule=first_order_then_zeroth_order", "sampler=subspace",
+        "sampler.sampler.basis=gradients", "sampler.sampler.rank=8",
+    ],
     "zeroth_order": ["experiment=fully_zeroth_order", "sampler=zopro"],
     # issue #19: fully zeroth-order variants, each against zeroth_order (paired) and against
     # first-order iteration 0 from the same SFT at equal policy-learning seconds and updates
@@ -70,6 +76,11 @@ SHARED_STATE = {
     "zeroth_order": ["start"],
 }
 QUIET = ["~logger", "interplay.snapshots=false", "interplay.update_cosines=false"]
+#: the base run's sampler: it takes no zeroth-order step (every iteration is first-order) but
+#: keeps the last GRADIENT_HISTORY batch gradients, which a ``basis=gradients`` branch spans
+GRADIENT_HISTORY = 32
+BASE_SAMPLER = ["sampler=subspace", "sampler.sampler.basis=gradients",
+                f"sampler.sampler.rank={GRADIENT_HISTORY}"]
 
 
 def compose(seed: int, overrides: list[str]):
@@ -101,7 +112,7 @@ def base_run(seed: int, common: list[str], workdir: Path, iterations: int | None
     if not (run_dir / "summary.json").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         only = [f"loop.iterations={iterations}"] if iterations else []
-        run(compose(seed, [*METHODS["first_order"], "sampler=zopro", *common, *only]), run_dir,
+        run(compose(seed, [*METHODS["first_order"], *BASE_SAMPLER, *common, *only]), run_dir,
             False)
     return run_dir
 
@@ -133,6 +144,14 @@ def own_directions(run_dir: Path, cfg) -> None:
     state = load_state(run_dir, "iteration_0")
     directions = state["directions"]
     sampler = instantiate(cfg.sampler.sampler)
+    if getattr(sampler, "basis", None) == "gradients":  # the base run's observed gradients
+        recent = state["sampler"].get("recent")
+        if not recent:
+            raise SystemExit(
+                f"{run_dir.parent / 'first_order'} kept no first-order gradients (made before "
+                "bench/schedules.py's base runs kept them): delete it to have it made again."
+            )
+        sampler.load_state_dict({"num_steps": 0, "refreshes": 0, "recent": recent})
     mu = directions.get(cfg.sampler.get("direction", "update")) or directions["update"]
     sampler.set_directions(mu, directions["reward"])
     state["sampler"] = sampler.state_dict()
@@ -183,6 +202,8 @@ def aggregate(curves: dict[str, dict[int, dict]]) -> dict[str, Any]:
     paired: dict[str, Any] = {}
     for a, b, key in (
         ("zopro", "gaussian", "gain_iterations_1_to_T"),
+        ("subspace_gradients", "gaussian", "gain_iterations_1_to_T"),
+        ("subspace_gradients", "zopro", "gain_iterations_1_to_T"),
         ("zopro", "first_order", "gain_iterations_1_to_T"),
         ("zopro_gradient", "zopro", "gain_iterations_1_to_T"),
         ("gaussian", "first_order", "gain_iterations_1_to_T"),
@@ -228,6 +249,12 @@ def targets(curves: dict[str, dict[int, dict]], table: dict, paired: dict) -> di
         out["zopro_over_gaussian (target >= 1.5)"] = (
             round(row["ratio"], 3) if row["ratio"] is not None else None)
         out["zopro_minus_gaussian_in_standard_errors (target >= 2)"] = (
+            round(row["mean"] / row["se"], 2) if row["se"] else None)
+    if "subspace_gradients_minus_gaussian" in paired:
+        row = paired["subspace_gradients_minus_gaussian"]
+        out["subspace_gradients_over_gaussian (target >= 1.5)"] = (
+            round(row["ratio"], 3) if row["ratio"] is not None else None)
+        out["subspace_gradients_minus_gaussian_in_standard_errors (target >= 2)"] = (
             round(row["mean"] / row["se"], 2) if row["se"] else None)
     if "zeroth_order" in curves and first:
         seeds = sorted(set(curves["zeroth_order"]) & set(first))

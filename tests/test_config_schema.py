@@ -275,3 +275,13 @@ def test_zopro_train_refuses_fsdp_before_any_work(tmp_path, no_training):
     assert problem.startswith("trainer=fsdp") and "trainer=ddp" in problem.split("valid:")[1]
     assert not run.exists()
     assert not problems("trainer=ddp")  # a plain strategy string is no problem
+
+
+def test_a_gradient_spanned_subspace_without_a_first_order_phase_is_refused():
+    """``basis=gradients`` spans the first-order phase's gradients: a fully zeroth-order
+    schedule has none, which is named before any work; the published schedule is fine."""
+    subspace = ("sampler=subspace", "sampler.sampler.basis=gradients")
+    (problem,) = problems(*subspace, "loop.schedule=zeroth_order")
+    assert problem.startswith("sampler.sampler.basis=gradients")
+    assert "loop.schedule=first_order_then_zeroth_order" in problem.split("valid:")[1]
+    assert not problems(*subspace, "loop.schedule=first_order_then_zeroth_order")

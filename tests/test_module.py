@@ -362,3 +362,44 @@ def test_logged_decay_is_the_one_the_step_drew_with(lora_policy, tokenizer, smal
     fit(module, small_task.train_prompts[:6], steps=3)
     assert seen == pytest.approx([0.9, 0.9 - 1 / 3, 0.9 - 2 / 3])
     assert sampler.decay == pytest.approx(0.0, abs=1e-9)
+
+
+def test_first_order_updates_hand_their_gradients_to_a_gradient_subspace_sampler(
+    lora_policy, tokenizer, small_task
+):
+    """Each first-order update gives the sampler its batch gradient before the optimizer step:
+    after 3 updates AdamW's first moment is the beta_1-weighted sum of the 3 kept gradients;
+    the zeroth-order step after the iteration's end moves each tensor inside their span."""
+    from zopro_lightning.zo.directions import canonical_name
+    from zopro_lightning.zo.subspace_sampler import SubspaceSampler, orthonormal_rows
+
+    sampler = SubspaceSampler(rank=3, basis="gradients")
+    module = ZOPrOModule(
+        lora_policy,
+        tokenizer,
+        count_words_reward,
+        sampler=sampler,
+        optimizer=OptimizerSettings(name="first_order", lr=1e-2),
+        rollout=RolloutSettings(k=2, max_new_tokens=4),
+    )
+    trainer = fit(module, small_task.train_prompts[:6], steps=3)
+    optimizer = trainer.optimizers[0]
+    beta1 = optimizer.param_groups[0]["betas"][0]
+    recent = sampler.state_dict()["recent"]
+    params = module.trainable_parameters
+    assert set(recent) == {canonical_name(n) for n in params}
+    for name, param in params.items():
+        kept = recent[canonical_name(name)]  # [3, D], newest first
+        mean = (1 - beta1) * (kept[0] + beta1 * kept[1] + beta1**2 * kept[2])
+        assert torch.allclose(optimizer.state[param]["exp_avg"].flatten(), mean, atol=1e-7)
+    sampler.set_directions(None, None)  # the iteration's end (ZOPrOIterations does it)
+    before = trainable(module.policy)
+    module.set_optimizer("zeroth_order", lr=1.0)  # a step far above float32's rounding of theta
+    fit(module, small_task.train_prompts[:2], steps=1)
+    moved = 0
+    for name, param in module.trainable_parameters.items():
+        delta = (param.detach() - before[name]).flatten().double()
+        span = orthonormal_rows(recent[canonical_name(name)]).double()
+        assert (delta - span.T @ (span @ delta)).norm() <= 1e-3 * delta.norm()
+        moved += int(delta.norm() > 0)
+    assert moved > 0

@@ -141,6 +141,68 @@ def test_spsa_estimate_on_a_quadratic_is_the_gradient_projected_into_the_subspac
     assert (mean - expected).norm() < 0.15 * expected.norm()
 
 
+def test_gradients_basis_spans_the_last_rank_gradients_newest_first():
+    """``observe_gradients`` keeps the last ``rank`` gradients (newest first); an iteration's
+    end makes their span the basis, which z then lies in; before that a draw is refused; the
+    kept gradients survive resume; other bases ignore them."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    sampler = SubspaceSampler(rank=2, basis="gradients")
+    for grad in grads:
+        sampler.observe_gradients({NAME: grad, "frozen.weight": None})
+    recent = sampler.state_dict()["recent"]
+    assert list(recent) == [sampler_key()]
+    assert torch.equal(recent[sampler_key()], torch.stack([grads[2], grads[1]]).reshape(2, -1))
+    with pytest.raises(ValueError, match="first-order phase first"):
+        draw(sampler, 3)
+    assert sampler.set_directions(None, None) == 0
+    assert sampler.dimension(NAME, (6, 5)) == 2
+    assert sampler.metrics()["subspace_dimension"] == 2.0
+    span = orthonormal_rows(torch.stack([grads[2], grads[1]]).reshape(2, -1)).double()
+    z = draw(sampler, 3).flatten().double()
+    assert torch.allclose(span.T @ (span @ z), z, atol=1e-4)  # in the span ...
+    assert (z - span.T @ (span @ grads[0].flatten().double())).norm() > 1.0  # ... not the old one
+    resumed = SubspaceSampler(rank=2, basis="gradients")
+    resumed.load_state_dict(sampler.state_dict())
+    assert torch.equal(draw(resumed, 3), draw(sampler, 3))
+    narrower = SubspaceSampler(rank=1, basis="gradients")  # keeps only the newest
+    narrower.load_state_dict(sampler.state_dict())
+    narrower.set_directions(None, None)
+    assert narrower.dimension(NAME, (6, 5)) == 1
+    random = SubspaceSampler(rank=2)
+    random.observe_gradients({NAME: grads[0]})
+    assert random.state_dict()["recent"] == {}
+
+
+def test_spsa_in_the_span_of_observed_gradients_is_unbiased_for_a_gradient_inside_it():
+    """A quadratic whose gradient at theta is one of the observed ones: the mean of g z is
+    (D/K) grad L (all of it lies in the K-dim span), and one estimate's cosine with grad L is
+    about sqrt(K/D)^-1 times the isotropic draw's (cos ~ 1/sqrt(K) against 1/sqrt(D))."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    b = torch.randn(40, generator=g, dtype=torch.float64)
+    theta = torch.randn(30, generator=g, dtype=torch.float64)
+    true_grad = a.T @ (a @ theta - b)
+    sampler = SubspaceSampler(rank=3, basis="gradients")
+    for other in (torch.randn(30, generator=g, dtype=torch.float64) for _ in range(2)):
+        sampler.observe_gradients({"theta": a.T @ (a @ other - b)})
+    sampler.observe_gradients({"theta": true_grad})
+    sampler.set_directions(None, None)
+    params = {"theta": theta.clone()}
+    estimates = []
+    for seed in range(2000):
+        before = params["theta"].clone()
+        spsa_step(params, lambda: 0.5 * ((a @ params["theta"] - b) ** 2).sum(), sampler,
+                  SPSASettings(eps=1e-4), seed=seed, lr=1.0)
+        estimates.append(before - params["theta"])
+        params["theta"].copy_(before)
+    steps = torch.stack(estimates)  # [n, D]
+    expected = (30 / 3) * true_grad
+    assert (steps.mean(0) - expected).norm() < 0.15 * expected.norm()
+    cosine = (steps @ true_grad / (steps.norm(dim=1) * true_grad.norm())).abs().mean()
+    assert cosine > 0.3  # an isotropic draw in D = 30: about 0.15
+
+
 def _step_seed(seed: int) -> int:
     from zopro_lightning.zo.draws import derive_seed
 

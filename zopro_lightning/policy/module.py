@@ -350,6 +350,9 @@ class ZOPrOModule(HeldOutEvaluation, LightningModule):
         checkpointed_layers_on(self.policy)
         optimizer.zero_grad(set_to_none=True)
         loss = self.surrogate_loss(rollouts, backward=True)
+        observe = getattr(self.sampler, "observe_gradients", None)
+        if observe is not None:  # a sampler whose subspace the first-order gradients span
+            observe({n: p.grad for n, p in self.trainable_parameters.items()})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": float(loss), "lr": lr}

@@ -175,7 +175,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.sampler.coefficients": ("shared", "per_tensor"),
     "sampler.sampler.decay": ("linear", "exp", "constant"),
     "sampler.sampler.scale": ("isotropic", "previous_update", "unit"),
-    "sampler.sampler.basis": ("random", "lowrank", "directions"),
+    "sampler.sampler.basis": ("random", "lowrank", "directions", "gradients"),
     "dataset.task.prompt_length_mode": ("drop", "truncate"),
 }
 """Options with a fixed set of values."""
@@ -390,6 +390,17 @@ def _strategy_problems(cfg: DictConfig) -> Iterator[str]:
         )
 
 
+def _sampler_problems(cfg: DictConfig) -> Iterator[str]:
+    """A gradient-spanned subspace needs a first-order phase to take its gradients from."""
+    basis = _get(cfg, "sampler.sampler.basis")
+    if basis == "gradients" and _get(cfg, "loop.schedule") == "zeroth_order":
+        yield (
+            "sampler.sampler.basis=gradients spans the first-order phase's gradients, but "
+            "loop.schedule=zeroth_order has no first-order phase; valid: "
+            "loop.schedule=first_order_then_zeroth_order, or sampler.sampler.basis=random"
+        )
+
+
 def _missing_keys(node: Any, prefix: str = "") -> Iterator[str]:
     """Dotted keys left at ``???``, found without resolving any interpolation (``${hydra:...}``
     cannot be resolved outside a Hydra run)."""
@@ -423,5 +434,6 @@ def validate_config(cfg: DictConfig) -> None:
     problems += _length_problems(cfg, missing)
     problems += _judge_problems(cfg)
     problems += _strategy_problems(cfg)
+    problems += _sampler_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -19,7 +19,11 @@ the protocol and never ask for a sampler's class. A sampler whose coordinates ar
 standard draws may also carry ``fill(out, generator)`` (Gaussian and Rademacher do): the SPSA
 step then adds ``alpha * z`` chunk by chunk on all CPU threads without holding ``z`` whole
 (:mod:`zopro_lightning.zo.draws`); ``sample`` must then equal
-``draws.draw(param, generator, fill)``.
+``draws.draw(param, generator, fill)``. A sampler may also carry
+``observe_gradients(gradients)``: the module's first-order updates then hand it each batch
+gradient, by trainable tensor name, before the optimizer step
+(:class:`~zopro_lightning.zo.subspace_sampler.SubspaceSampler` with ``basis="gradients"``
+spans the last ones).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from zopro_lightning.zo.draws import derive_seed
 
 __all__ = ["SubspaceSampler", "orthonormal_rows"]
 
-Basis = Literal["random", "lowrank", "directions"]
+Basis = Literal["random", "lowrank", "directions", "gradients"]
 Scale = Literal["isotropic", "unit"]
 
 
@@ -66,6 +66,14 @@ class SubspaceSampler:
     - ``"directions"``: the span of directions given by :meth:`set_basis` (e.g. first-order
       gradients, the policy's past updates), orthonormalised; a tensor without given
       directions uses the random basis.
+    - ``"gradients"``: the span of the last ``rank`` first-order batch gradients the module
+      handed to :meth:`observe_gradients` (its first-order updates do, before each optimizer
+      step), taken at each :meth:`set_directions` (each iteration's end). In the published
+      schedule the zeroth-order iterations search the span of first-order iteration 0's last
+      gradients (``bench/snr.py``: it holds 0.41-0.48 of the next iteration's population
+      gradient in ``K = 8`` dimensions a tensor). It keeps ``rank`` float32 copies of the
+      trainable tensors on the CPU: meant for LoRA. A zeroth-order step before any gradient
+      was observed raises.
 
     Random parts (``B_n`` of ``"random"``, ``V`` of ``"lowrank"``) are redrawn every
     ``refresh_every`` policy updates (``None``: never by count) and, when
@@ -92,10 +100,10 @@ class SubspaceSampler:
     ) -> None:
         if int(rank) < 1:
             raise ValueError(f"SubspaceSampler: rank must be >= 1, got {rank}.")
-        if basis not in ("random", "lowrank", "directions"):
+        if basis not in ("random", "lowrank", "directions", "gradients"):
             raise ValueError(
-                f"SubspaceSampler: unknown basis {basis!r}; use 'random', 'lowrank' or "
-                "'directions'."
+                f"SubspaceSampler: unknown basis {basis!r}; use 'random', 'lowrank', "
+                "'directions' or 'gradients'."
             )
         if refresh_every is not None and int(refresh_every) < 1:
             raise ValueError(
@@ -114,6 +122,7 @@ class SubspaceSampler:
         self.num_steps = 0
         self.refreshes = 0
         self._given: dict[str, Tensor] = {}  # "directions": [K_n, D_n] orthonormal rows
+        self._recent: dict[str, Tensor] = {}  # "gradients": [m_n <= rank, D_n], newest first
         self._cache: dict[str, Tensor] = {}  # random parts of the current refresh
 
     # -- bases --------------------------------------------------------------------------------
@@ -130,6 +139,23 @@ class SubspaceSampler:
         self._given = given
         return {name: int(b.shape[0]) for name, b in given.items()}
 
+    def observe_gradients(self, gradients: Mapping[str, Tensor]) -> None:
+        """One first-order update's batch gradient, by trainable tensor name (``basis=
+        "gradients"``; other bases ignore it): kept, newest first, with the ``rank - 1``
+        before it, as float32 on the CPU. A sharded (``DTensor``) gradient is gathered."""
+        if self.basis != "gradients":
+            return
+        for raw, grad in gradients.items():
+            if grad is None:
+                continue
+            if hasattr(grad, "full_tensor"):  # FSDP2 shard: the whole tensor's gradient
+                grad = grad.full_tensor()
+            row = grad.detach().reshape(1, -1).to(device="cpu", dtype=torch.float32)
+            key = canonical_name(raw)
+            kept = self._recent.get(key)
+            stack = row if kept is None else torch.cat([row, kept[: self.rank - 1]])
+            self._recent[key] = stack
+
     def _random(self, key: str, rows: int, cols: int) -> Tensor:
         """``[rows, cols]`` orthonormal columns (``cols <= rows``), a function of
         ``(seed, refreshes, key)``."""
@@ -145,7 +171,7 @@ class SubspaceSampler:
         """``K_n``: the subspace's dimension for tensor ``name`` of ``shape``."""
         numel = math.prod(shape)
         key = canonical_name(name)
-        if self.basis == "directions" and key in self._given:
+        if self.basis in ("directions", "gradients") and key in self._given:
             return int(self._given[key].shape[0])
         if self.basis == "lowrank" and len(shape) == 2:
             return shape[0] * min(self.rank, shape[1])
@@ -156,9 +182,17 @@ class SubspaceSampler:
         ``[m, r]`` for ``"lowrank"``) from ``generator``.
 
         Raises:
-            ValueError: a given basis has another number of values than ``param``.
+            ValueError: a given basis has another number of values than ``param``; or
+                ``basis="gradients"`` before any first-order gradient was taken into a basis.
         """
         key = canonical_name(name)
+        if self.basis == "gradients" and not self._given:
+            raise ValueError(
+                "SubspaceSampler(basis='gradients') has no gradients to span: its subspace is "
+                "built from first-order updates' gradients at an iteration's end. Run a "
+                "first-order phase first (loop.schedule=first_order_then_zeroth_order) or use "
+                "basis='random'."
+            )
         numel, device = param.numel(), generator.device
         if self.basis == "lowrank" and param.ndim == 2:
             m, n = param.shape
@@ -167,7 +201,7 @@ class SubspaceSampler:
             u = torch.randn(m, r, generator=generator, device=device)  # [m, r]
             z = (u @ v.T) * (math.sqrt(n / r) if self.scale == "isotropic" else 1.0)  # [m, n]
             return z.to(device=param.device, dtype=param.dtype)
-        if self.basis == "directions" and key in self._given:
+        if self.basis in ("directions", "gradients") and key in self._given:
             rows = self._given[key]  # [K, D]
             if rows.shape[1] != numel:
                 raise ValueError(
@@ -203,28 +237,39 @@ class SubspaceSampler:
         policy_update: Mapping[str, Tensor] | None,
         reward_update: Mapping[str, Tensor] | None = None,
     ) -> int:
-        """An iteration ended: a refresh when ``refresh_on_directions``. The updates are not
-        used (:meth:`set_basis` sets a basis from directions); nothing is matched."""
+        """An iteration ended: a refresh when ``refresh_on_directions``; with ``basis=
+        "gradients"``, the span of the gradients observed last becomes the basis (kept while
+        none arrive, as in zeroth-order iterations). The updates are not used
+        (:meth:`set_basis` sets a basis from directions); nothing is matched."""
         if self.refresh_on_directions:
             self.refresh()
+        if self.basis == "gradients" and self._recent:
+            self.set_basis(self._recent)
         return 0
 
     def metrics(self) -> dict[str, float]:
-        """``subspace_refreshes``: how many times the random parts were redrawn."""
-        return {"subspace_refreshes": float(self.refreshes)}
+        """``subspace_refreshes``: how many times the random parts were redrawn; with
+        ``basis="gradients"``, ``subspace_dimension``: the basis's total ``sum_n K_n``."""
+        out = {"subspace_refreshes": float(self.refreshes)}
+        if self.basis == "gradients":
+            out["subspace_dimension"] = float(sum(b.shape[0] for b in self._given.values()))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The counts (random parts are redrawn from them) and the given bases, on the CPU."""
+        """The counts (random parts are redrawn from them), the given bases and the observed
+        gradients, on the CPU."""
         return {
             "num_steps": self.num_steps,
             "refreshes": self.refreshes,
             "given": {n: t.cpu() for n, t in self._given.items()},
+            "recent": {n: t.cpu() for n, t in self._recent.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
         self.refreshes = int(state["refreshes"])
         self._given = {n: t.clone() for n, t in state.get("given", {}).items()}
+        self._recent = {n: t[: self.rank].clone() for n, t in state.get("recent", {}).items()}
         self._cache.clear()
 
     def __repr__(self) -> str:
