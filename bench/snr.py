@@ -25,7 +25,10 @@ The population gradient is estimated leave-one-out, ``G_{-b} = mean_{c != b} gra
   gradients: of other rollouts under the same reward model (``grads_same_reward``: what the
   first-order step's own batches span), of rollouts under the reward model before this
   iteration's refinement (``grads_before_refinement``: what the phase before could have
-  collected), and of ``mu`` with the optimizer's gradient mean (``trajectory``). For each,
+  collected), and of ``mu`` with the optimizer's gradient mean (``trajectory``); and, for a
+  run made with ``sampler.sampler.basis=gradients``, the basis its sampler kept
+  (``kept_gradients``: at ``--iteration 1, 2`` of such a run, how useful iteration 0's
+  gradients still are after one or two zeroth-order iterations and refinements). For each,
   ``captured`` = ``||P G|| / ||G||``: how much of the population gradient the subspace holds
   (a random ``K``-dim subspace of ``D`` holds about ``sqrt(K / D)``).
 
@@ -198,6 +201,20 @@ def subspace_samplers(args: argparse.Namespace, probe: GradientProbe, spans: dic
     return samplers
 
 
+def kept_basis(state: dict):
+    """The subspace a ``SubspaceSampler(basis="gradients")`` run searched after this state
+    (the span of the first-order gradients it kept), as a ``"directions"`` sampler; ``None``
+    for a run whose sampler kept none."""
+    from zopro_lightning.zo.subspace_sampler import SubspaceSampler
+
+    given = state.get("sampler", {}).get("given")
+    if not given:
+        return None
+    sampler = SubspaceSampler(rank=max(t.shape[0] for t in given.values()), basis="directions")
+    sampler.load_state_dict({"num_steps": 0, "refreshes": 0, "given": given})
+    return sampler
+
+
 def captured(probe: GradientProbe, sampler, gradient) -> dict:
     """``||P G|| / ||G||`` for the sampler's subspace (per tensor, summed over tensors) and the
     subspace's total dimension ``K``, with the exact projector of each tensor's basis
@@ -286,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         "trajectory": [probe.flat(direction) for direction in candidates.values()],
     }
     subspaces = subspace_samplers(args, probe, spans)
+    kept = kept_basis(state)
+    if kept is not None:  # the basis this run's own sampler searched (basis=gradients)
+        subspaces["kept_gradients"] = kept
     subspace_held = {f"spsa_{label}": captured(probe, sampler, total)
                      for label, sampler in subspaces.items()}
     for label, sampler in subspaces.items():

@@ -102,11 +102,19 @@ def test_schedules_bench_branches_share_sft_r0_and_iteration_0(tmp_path):
 
     common = [arg for o in SMALL for arg in ("--common", o)]
     payload = schedules.main(
-        ["--seeds", "0", "--methods", "first_order", "zopro", "--workdir", str(tmp_path / "w"),
-         "--out", str(tmp_path / "schedules.json"), *common]
+        ["--seeds", "0", "--methods", "first_order", "zopro", "subspace_gradients",
+         "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "schedules.json"), *common]
     )
     first, zopro = payload["curves"]["first_order"]["0"], payload["curves"]["zopro"]["0"]
     assert zopro["gold"][:2] == first["gold"][:2]  # SFT and iteration 0: the same numbers
+    # the gradient-subspace branch spans the base run's last 8 batch gradients of iteration 0
+    spanned = payload["curves"]["subspace_gradients"]["0"]
+    assert spanned["gold"][:2] == first["gold"][:2] and spanned["gold"][2] != zopro["gold"][2]
+    from zopro_lightning.run.state import load_state
+
+    kept = load_state(tmp_path / "w" / "seed_0" / "subspace_gradients", "iteration_0")
+    ranks = {t.shape[0] for t in kept["sampler"]["given"].values()}
+    assert max(ranks) == 3 and min(ranks) >= 2  # 3 updates < 8 (LoRA A: 0 at the first)
     assert zopro["optimizer_per_iteration"] == ["first_order", "zeroth_order"]
     assert first["optimizer_per_iteration"] == ["first_order", "first_order"]
     assert zopro["updates"] == [0, 3, 5]
