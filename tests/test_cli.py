@@ -125,3 +125,27 @@ def test_zopro_train_trains_every_weight_in_bf16(tmp_path):
     sft, policy = (load_file(next((run / d).glob("*.safetensors"))) for d in ("sft", "policy"))
     assert all(t.dtype == torch.bfloat16 for t in policy.values() if t.is_floating_point())
     assert sum(not torch.equal(sft[n], policy[n]) for n in sft) > len(sft) // 2  # all trained
+
+
+def test_zeroth_order_iterations_search_the_span_of_iteration_0s_gradients(tmp_path):
+    """``sampler=subspace sampler.sampler.basis=gradients`` in the published schedule: the
+    first-order iteration 0 keeps its last batch gradients, its end makes their span the basis,
+    and the zeroth-order iteration after it moves every tensor inside that span."""
+    from zopro_lightning.run.state import load_state
+    from zopro_lightning.zo.directions import canonical_name
+
+    run = tmp_path / "run"
+    result = zopro_train(
+        run, "sampler=subspace", "sampler.sampler.basis=gradients", "sampler.sampler.rank=2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = (load_state(run, f"iteration_{t}") for t in (0, 1))
+    basis = before["sampler"]["given"]
+    assert basis and max(b.shape[0] for b in basis.values()) == 2
+    moved = 0
+    for name, theta in after["policy"].items():
+        delta = (theta - before["policy"][name]).flatten().double()
+        rows = basis[canonical_name(name)].double()  # orthonormal [K, D]
+        assert (delta - rows.T @ (rows @ delta)).norm() <= 1e-3 * delta.norm() + 1e-7
+        moved += int(delta.norm() > 1e-6)
+    assert moved > 0
