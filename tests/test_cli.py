@@ -149,3 +149,32 @@ def test_zeroth_order_iterations_search_the_span_of_iteration_0s_gradients(tmp_p
         assert (delta - rows.T @ (rows @ delta)).norm() <= 1e-3 * delta.norm() + 1e-7
         moved += int(delta.norm() > 1e-6)
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_sft_lora_false_trains_every_weight_then_lora_for_the_policy(tmp_path):
+    """``sft.lora=false``: SFT changes every weight tensor of the randomly initialised tiny
+    model, and the policy phases still train (and save) a LoRA adapter; the default SFT is LoRA
+    merged, which leaves the tensors outside its target modules (the embeddings) as built."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    def sft_and_initial(run: Path) -> tuple[dict, dict]:
+        spec = instantiate(OmegaConf.load(run / ".hydra" / "config.yaml").model)
+        initial = spec.causal_lm(AutoTokenizer.from_pretrained(run / "sft")).state_dict()
+        return load_file(next((run / "sft").glob("*.safetensors"))), initial
+
+    result = zopro_train(tmp_path / "full", "sft.lora=false", "loop.iterations=1", "num_threads=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sft, initial = sft_and_initial(tmp_path / "full")
+    assert sft and all(not torch.equal(sft[n], initial[n]) for n in sft)
+    assert (tmp_path / "full" / "policy_adapter" / "adapter_model.safetensors").exists()
+
+    result = zopro_train(tmp_path / "lora", "loop.iterations=1", "num_threads=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sft, initial = sft_and_initial(tmp_path / "lora")
+    changed = {n for n in sft if not torch.equal(sft[n], initial[n])}
+    assert changed and all("_proj." in n for n in changed)  # tiny.yaml's LoRA targets
+    assert "model.embed_tokens.weight" not in changed

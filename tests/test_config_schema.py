@@ -77,6 +77,7 @@ BAD_VALUES = [
     ("sampler.direction=sideways", "sampler.direction='sideways': not a known choice", "gradient"),
     ("sampler.sampler.smoothing=1", "sampler.sampler.smoothing=1: out of range", "[0, 1)"),
     ("policy.spsa.rule=lbfgs", "policy.spsa.rule='lbfgs': not a known choice", "momentum, adam"),
+    ("sft.lora=full", "sft.lora='full': not a boolean", "true or false"),
 ]
 
 

@@ -85,6 +85,9 @@ def test_run_settings_read_the_config():
     )
     full = mc.run_settings(config("model.lora=null", "trainer=fsdp"))
     assert not full.lora and full.shards == 4 and full.processes == 1
+    assert not full.sft_lora
+    full_sft = mc.run_settings(config("sft.lora=false"))
+    assert full_sft.lora and not full_sft.sft_lora  # SFT of every weight, LoRA after
 
 
 def test_refusal_names_estimate_availability_and_fixes(monkeypatch):

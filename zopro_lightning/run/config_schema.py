@@ -180,7 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 """Options with a fixed set of values."""
 
-BOOLEANS: tuple[str, ...] = ("memory_check",)
+BOOLEANS: tuple[str, ...] = ("memory_check", "sft.lora")
 """Options that are true or false."""
 
 _DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")

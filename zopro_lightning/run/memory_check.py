@@ -171,6 +171,7 @@ class RunSettings:
     shards: int
     processes: int  # processes sharing this machine's memory (CPU DDP/FSDP ranks)
     accelerator: str
+    sft_lora: bool = True  # SFT with LoRA (false: ``sft.lora=false`` or no ``model.lora``)
 
 
 def weight_bytes_of(dtype: Any) -> int:
@@ -195,6 +196,7 @@ def run_settings(cfg: Any) -> RunSettings:
         shards=ranks if "fsdp" in strategy else 1,
         processes=ranks if on_cpu else 1,
         accelerator=accelerator,
+        sft_lora=cfg.model.get("lora") is not None and bool(cfg.sft.get("lora", True)),
     )
 
 
@@ -214,7 +216,7 @@ def phase_estimates(policy: Shape, reward: Shape | None, run: RunSettings, work:
     learning (first-order when the schedule has a first-order phase, else zeroth-order; the
     reward model held beside it) and reward refinement (its LoRA first-order; the policy held)."""
     common = {"weight_bytes": run.weight_bytes, "shards": run.shards}
-    first = Mode(run.lora, True, **common)
+    first = Mode(run.sft_lora and run.lora, True, **common)
     policy_mode = Mode(run.lora, run.schedule != "zeroth_order", **common)
     beside = held_bytes(reward, run.weight_bytes) / run.shards if reward else 0.0
     estimates = {

@@ -68,7 +68,8 @@ def supervised_fine_tuning(
     cfg: DictConfig, spec: ModelSpec, tokenizer: Any, task: Any, ctx: RunContext
 ) -> torch.nn.Module:
     """SFT (``cfg``: the ``sft`` block) with LoRA merged into the base (or, with
-    ``model.lora=null``, of every weight) and saved whole to ``RUN_DIR/sft``. Resuming, the
+    ``sft.lora=false`` or ``model.lora=null``, of every weight) and saved whole to
+    ``RUN_DIR/sft``. Resuming, the
     merged model there is loaded instead (and the run's logged step goes on from
     ``state/sft.pt``)."""
     target = ctx.run_dir / "sft"
@@ -81,7 +82,8 @@ def supervised_fine_tuning(
         return load_causal_lm(target, dtype=spec.dtype)
     ctx.seed_phase("sft")
     ctx.progress.enter("sft")
-    model = spec.with_lora(spec.causal_lm(tokenizer))
+    model = spec.causal_lm(tokenizer)
+    model = spec.with_lora(model) if cfg.get("lora", True) else model.requires_grad_(True)
     max_length = cfg.get("max_length") or 128
     examples = sft_examples_that_fit(task.sft_examples, tokenizer, max_length)
     collator = SFTCollator(tokenizer, max_length=max_length)

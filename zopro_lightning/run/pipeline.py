@@ -136,7 +136,11 @@ class Pipeline:
         if not self.ctx.resuming and self.is_global_zero:
             save_run_config(self.run_dir, self.cfg)
         self.ctx.start_loggers()
-        log.info("[sft] supervised fine-tuning with LoRA, %d epochs", self.cfg.sft.epochs)
+        full = not self.cfg.sft.get("lora", True) or self.cfg.model.get("lora") is None
+        log.info(
+            "[sft] supervised fine-tuning %s, %d epochs",
+            "of every weight" if full else "with LoRA", self.cfg.sft.epochs,
+        )  # fmt: skip
 
     def initial_reward_model(self) -> tuple[HFRewardModel, dict | None]:
         """``r_0``, trained on the task's pairs (or scored rows), or restored from
