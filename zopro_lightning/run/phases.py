@@ -69,9 +69,8 @@ def supervised_fine_tuning(
 ) -> torch.nn.Module:
     """SFT (``cfg``: the ``sft`` block) with LoRA merged into the base (or, with
     ``sft.lora=false`` or ``model.lora=null``, of every weight) and saved whole to
-    ``RUN_DIR/sft``. Resuming, the
-    merged model there is loaded instead (and the run's logged step goes on from
-    ``state/sft.pt``)."""
+    ``RUN_DIR/sft``. Resuming, the merged model there is loaded instead (and the run's logged
+    step goes on from ``state/sft.pt``)."""
     target = ctx.run_dir / "sft"
     if ctx.resuming and (target / "config.json").exists():
         from zopro_lightning.models.loading import load_causal_lm
