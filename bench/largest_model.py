@@ -52,6 +52,8 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 from common import RESULTS, environment, write_results  # noqa: E402
 from largest_model_worker import MODES, SIZES, llama_params, worker  # noqa: E402
 
+from zopro_lightning.run.memory_check import meminfo_available_bytes  # noqa: E402
+
 # glibc: tensors of 128 KiB and more are mmap'ed and unmapped when freed, so the resident set
 # follows the live tensors (and the forward's window is not inflated by freed heap)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -60,15 +62,6 @@ PRIOR_BYTES_PER_PARAM = {"zo_full": 4.0, "adamw_full": 24.0, "zo_lora": 3.0, "ad
 #: the process's own memory besides the model (torch, transformers, lightning), for estimates
 PROCESS_MB = 1200.0
 DEFAULT_SIZES = "0.5B,1B,2B,4B,8B"
-
-
-def meminfo_available_bytes() -> int:
-    """``MemAvailable`` of ``/proc/meminfo`` (bytes)."""
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable: this benchmark needs Linux")
 
 
 def child_resident_bytes(pid: int) -> int:

@@ -205,21 +205,13 @@ def tiny_llama_config(
     )
 
 
-def build_tiny_causal_lm(
-    tokenizer,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 128,
-    max_position_embeddings: int = 128,
-    seed: int = 0,
-) -> nn.Module:
-    """A small Llama-architecture causal LM initialised from a config (no download)."""
+def build_tiny_causal_lm(tokenizer, seed: int = 0, **sizes: int) -> nn.Module:
+    """A small Llama-architecture causal LM initialised from a config (no download), with
+    weights drawn from ``seed``; ``sizes``: :func:`tiny_llama_config`'s (``hidden_size``,
+    ``num_layers``, ``num_heads``, ``intermediate_size``, ``max_position_embeddings``)."""
     from transformers import LlamaForCausalLM
 
-    config = tiny_llama_config(
-        tokenizer, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings
-    )
+    config = tiny_llama_config(tokenizer, **sizes)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
